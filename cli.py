@@ -1,0 +1,133 @@
+"""The ``fsvideo`` command: LightningCLI for the training stages plus the data/eval subcommands.
+
+    fsvideo fit --config configs/tiny/fsae-stage1.yaml          # train a stage
+    fsvideo fit --config … --ckpt_path last                     # resume it
+    fsvideo validate|test|predict --config …
+    fsvideo data sample --out data/sample                       # write the bundled sample shards
+    fsvideo data inspect 'data/sample/train-{000000..000003}.tar'
+
+Every run lives in ``trainer.default_root_dir`` (``runs/<name>`` in the bundled configs): the fully
+resolved ``config.yaml``, ``checkpoints/`` and the wandb run directory sit side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.logging import resolve_wandb_mode
+
+RUN_CONFIG_NAME = "config.yaml"
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the resolved config beside the run's checkpoints and sends it to the loggers."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, run_dir / RUN_CONFIG_NAME, skip_none=False, overwrite=True)
+        resolved = self.parser.dump(self.config, format="yaml", skip_none=False)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": self.config.as_dict(), "config_yaml": resolved})
+
+
+class FSVideoCLI(LightningCLI):
+    """LightningCLI with the house defaults: omegaconf configs, a checkpoint section, wandb logging."""
+
+    def __init__(self, args: list[str] | None = None, **kwargs) -> None:
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=SaveRunConfig,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            auto_configure_optimizers=False,
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "trainer.default_root_dir": "runs/default",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_train_steps": 100,
+            }
+        )
+        parser.link_arguments(
+            "trainer.default_root_dir",
+            "checkpoint.dirpath",
+            compute_fn=lambda root: os.path.join(root, "checkpoints"),
+        )
+        parser.add_argument("--wandb.project", type=str, default="fsvideo", help="wandb project name.")
+        parser.add_argument(
+            "--wandb.mode",
+            type=str,
+            default="auto",
+            help="auto (online only when an account is configured), offline, online or disabled.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        # A user-chosen logger wins; the default (True) becomes an offline-safe wandb run in the run dir.
+        mode = resolve_wandb_mode(config.wandb.mode)
+        if trainer.logger is True and mode != "disabled":
+            root = trainer.default_root_dir
+            trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "init_args": {
+                    "project": config.wandb.project,
+                    "name": Path(root).name,
+                    "save_dir": root,
+                    "offline": mode == "offline",
+                },
+            }
+        elif trainer.logger is True:
+            trainer.logger = False
+        if trainer.plugins is None:
+            trainer.plugins = [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]
+
+
+def data_main(argv: list[str]) -> None:
+    """``fsvideo data sample|inspect``: dataset chores that are not training runs."""
+    parser = argparse.ArgumentParser(prog="fsvideo data", description="Dataset tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sample = commands.add_parser("sample", help="Write the bundled sample dataset (WebDataset shards).")
+    sample.add_argument("--out", required=True, type=Path, help="Output folder.")
+    sample.add_argument("--seed", type=int, default=0, help="Seed; the same seed writes the same files.")
+    inspect = commands.add_parser("inspect", help="Count samples, buckets and bad samples in shards.")
+    inspect.add_argument("shards", nargs="+", help="Shard paths or brace patterns.")
+    args = parser.parse_args(argv)
+    if args.command == "sample":
+        from datamodules.sample_data import write_sample_dataset
+
+        print(write_sample_dataset(args.out, seed=args.seed))
+    else:
+        from datamodules.inspect import inspect_shards
+
+        print(inspect_shards(args.shards))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "data":
+        data_main(argv[1:])
+        return
+    FSVideoCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""``VideoDataModule``: WebDataset shards of videos and stills → bucketed ``B×3×T×H×W`` batches in [-1, 1].
+
+How skip counts reach the logs: workers are separate processes, so each batch carries its worker's running
+counts in ``batch["meta"]["skipped"]`` (and its stream position in ``meta["cursor"]``). The DataModule's
+loaders keep the latest of each per worker, and ``skipped_counts()`` sums them into ``data/skipped_*``
+values that a LightningModule or callback logs (``sync_dist=True, reduce_fx="sum"`` adds up the ranks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from datamodules.buckets import BucketConfig, check_num_frames
+from datamodules.pipeline import BucketedClipDataset
+from datamodules.skips import SKIP_REASONS, log_keys
+
+log = logging.getLogger(__name__)
+
+
+class TrackingLoader(DataLoader):
+    """A DataLoader that remembers the latest skip counts and cursor each worker reported in its batches."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped: dict[int, dict[str, int]] = {}
+        self.cursors: dict[int, dict[str, int]] = {}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in super().__iter__():
+            meta = batch["meta"]
+            self.skipped[meta["worker"]] = meta["skipped"]
+            self.cursors[meta["worker"]] = meta["cursor"]
+            yield batch
+
+
+class VideoDataModule(LightningDataModule):
+    """Videos (``KEY.mp4``) and stills (``KEY.jpg``/``KEY.png``), each with ``KEY.json`` (``caption``; optional
+    ``fps``, ``width``, ``height``, scores), from WebDataset tar shards, cut into clips and batched by
+    aspect-ratio bucket.
+
+    A batch is ``{"video": B×3×T×H×W float in [-1, 1], "caption": list[str], "is_image": bool tensor (B,),
+    "meta": dict}``; all its samples share one bucket (T, H, W); a still is a 1-frame clip, so its batch has
+    T = 1. The first frame for image conditioning is ``video[:, :, 0]``. Under DDP every rank and worker reads
+    different shards, and every rank yields exactly ``batches_per_epoch`` batches per epoch.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 2,
+        num_workers: int = 2,
+        num_frames: int = 17,
+        fps: float | None = 24.0,
+        buckets: BucketConfig | None = None,
+        image_fraction: float | None = None,
+        batches_per_epoch: int = 100,
+        val_batches: int = 4,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            train_shards: Training shards: paths, brace patterns (``data/train-{000000..000099}.tar``) or
+                ``pipe:`` URLs, or a list of them.
+            val_shards: Validation shards in the same forms; None disables validation.
+            batch_size: Samples per batch (per rank).
+            num_workers: DataLoader worker processes per rank (0 reads in the main process).
+            num_frames: Frames per video clip at the main bucket size; must be 1 + 4k (17, 61, 121, …).
+            fps: Frame rate clips are cut at (source frames are repeated or dropped); None keeps the source rate.
+            buckets: Aspect-ratio buckets (target area, ratios, the 64-pixel grid, mixed-resolution entries);
+                None means ``BucketConfig()`` (about 256² pixels).
+            image_fraction: Share of batches made of stills; None takes images and videos as they come.
+            batches_per_epoch: Training batches each rank yields per epoch (the stream cycles over the shards).
+            val_batches: Validation batches each rank yields per validation run (always the same ones).
+            seed: Seeds shard order, clip starts, crops and image/video choice (with pass, rank and worker).
+        """
+        super().__init__()
+        check_num_frames(num_frames)
+        if fps is not None and fps <= 0:
+            raise ValueError(f"fps={fps} must be positive, or None to keep each video's own frame rate.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be 0 or more.")
+        self.save_hyperparameters()
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.num_frames = num_frames
+        self.fps = fps
+        self.buckets = buckets or BucketConfig()
+        self.bucket_set = self.buckets.bucket_set(num_frames)
+        self.image_fraction = image_fraction
+        self.batches_per_epoch = batches_per_epoch
+        self.val_batches = val_batches
+        self.seed = seed
+        self.loaders: dict[str, TrackingLoader] = {}
+        self._resume: dict[str, Any] | None = None
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _dataset(self, shards: str | list[str], batches: int, train: bool) -> BucketedClipDataset:
+        rank, world_size = self._rank_and_world()
+        return BucketedClipDataset(
+            shards,
+            self.bucket_set,
+            batch_size=self.batch_size,
+            batches=batches,
+            fps=self.fps,
+            train=train,
+            image_fraction=self.image_fraction,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            start=self._resume_cursors(rank, world_size) if train else None,
+        )
+
+    def _loader(self, stage: str, dataset: BucketedClipDataset) -> TrackingLoader:
+        loader = TrackingLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            # The training stream lives in its workers and continues across epochs.
+            persistent_workers=stage == "train" and self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+        self.loaders[stage] = loader
+        return loader
+
+    def train_dataloader(self) -> TrackingLoader:
+        return self._loader("train", self._dataset(self.train_shards, self.batches_per_epoch, train=True))
+
+    def val_dataloader(self) -> TrackingLoader | list:
+        if self.val_shards is None:
+            return []
+        return self._loader("val", self._dataset(self.val_shards, self.val_batches, train=False))
+
+    def skipped_counts(self, stage: str = "train") -> dict[str, int]:
+        """``data/skipped_<reason>`` (and ``data/skipped_total``) so far on this rank: training counts run
+        since the loader was made, validation counts cover the last validation run."""
+        loader = self.loaders.get(stage)
+        totals = {reason: 0 for reason in SKIP_REASONS}
+        for counts in loader.skipped.values() if loader is not None else ():
+            for reason, n in counts.items():
+                totals[reason] += n
+        return log_keys(totals)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's training-stream cursors (per worker). Under torch.distributed this gathers across
+        ranks, so call it on every rank, as Lightning's checkpointing does."""
+        loader = self.loaders.get("train")
+        mine = {
+            "num_workers": self.num_workers,
+            "cursors": dict(loader.cursors) if loader is not None else {},
+        }
+        rank, world_size = self._rank_and_world()
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * world_size
+            dist.all_gather_object(gathered, mine)
+            ranks = dict(enumerate(gathered))
+        else:
+            ranks = {rank: mine}
+        return {"world_size": world_size, "ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Training resumes from the stored cursors (same world size and worker count needed)."""
+        self._resume = state_dict
+
+    def _resume_cursors(self, rank: int, world_size: int) -> dict[int, dict[str, int]] | None:
+        if not self._resume:
+            return None
+        saved = self._resume["ranks"].get(rank)
+        if (
+            self._resume["world_size"] != world_size
+            or saved is None
+            or saved["num_workers"] != self.num_workers
+        ):
+            log.warning(
+                "data position not restored: the checkpoint was written with world_size=%s and "
+                "num_workers=%s, this run has %s and %s; the data stream starts over.",
+                self._resume["world_size"],
+                saved["num_workers"] if saved else "?",
+                world_size,
+                self.num_workers,
+            )
+            return None
+        return saved["cursors"]

@@ -1,0 +1,44 @@
+"""FSAE, the FSVideo video autoencoder (spec §2.2.1, Figure 3).
+
+Public API:
+    FSAEConfig              dataclass; presets ``FSAEConfig.tiny()`` (CPU) and ``FSAEConfig.paper()``
+                            (f64t4c128); both accept field overrides, e.g. ``FSAEConfig.tiny(latent_channels=8)``.
+    FSAE(config)            the network. Meta-device build: ``with torch.device("meta"): FSAE(cfg)``, then
+                            ``to_empty(device=...)`` and ``init_weights()``.
+      .encode(video, return_first_frame_features=False, tiling=None)
+                            ``B×3×T×H×W`` in [-1, 1], T = 1+4k, H, W multiples of 64 → ``B×C×(1+k)×H/64×W/64``;
+                            with features also a list of 5 first-frame maps ``B×C_i×1×H_i×W_i``.
+      .decode(latent, tiling=None)          → ``B×3×T×H×W``.
+      .forward(video)                       → reconstruction.
+      .decode_patch(latent, patch_size, origin=None, generator=None, tail_stages=3) → PatchDecodeOutput
+                            stage-3 training: only a crop goes through the last 3 decoder stages;
+                            ``out.valid_video()`` matches ``target[out.valid.index()]``.
+      .enable_gradient_checkpointing(enabled=True)
+      .check_video(video) / .check_latent(latent)   the input checks (ValueError)
+    PatchDecodeOutput, Box  result of patch decoding and the half-open T×H×W box it reports.
+    TilingConfig            temporal splitting (exact, carries the causal cache) and blended 3D tiling.
+    CausalCache             causal state across temporal chunks (for custom chunked loops).
+    encode_chunked, decode_chunked, encode_tiled, decode_tiled   the functions behind ``tiling``.
+"""
+
+from fsvideo.ae.autoencoder import FSAE, NUM_FIRST_FRAME_FEATURES, VALUE_TOLERANCE
+from fsvideo.ae.config import FSAEConfig
+from fsvideo.ae.conv import CausalCache, CausalConv3d
+from fsvideo.ae.patch import Box, PatchDecodeOutput
+from fsvideo.ae.tiling import TilingConfig, decode_chunked, decode_tiled, encode_chunked, encode_tiled
+
+__all__ = [
+    "FSAE",
+    "NUM_FIRST_FRAME_FEATURES",
+    "VALUE_TOLERANCE",
+    "Box",
+    "CausalCache",
+    "CausalConv3d",
+    "FSAEConfig",
+    "PatchDecodeOutput",
+    "TilingConfig",
+    "decode_chunked",
+    "decode_tiled",
+    "encode_chunked",
+    "encode_tiled",
+]

@@ -1,0 +1,96 @@
+"""Self- and cross-attention of the Wan2.1 I2V block; the kernel is ``fsvideo.attention.attention``.
+
+Public API:
+    SelfAttention(dim, num_heads, qk_norm, eps)
+        forward(x, cos, sin, kv_source=None) -> ``B×N×dim``; keys/values from ``kv_source`` when
+        given (Layer Memory), else from ``x``.
+    CrossAttention(dim, num_heads, qk_norm, eps, image_branch)
+        forward(x, text, text_mask=None, image=None) -> ``B×N×dim``; text and image results summed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fsvideo.attention import attention
+from fsvideo.dit.norms import FP32RMSNorm
+from fsvideo.dit.rope import apply_rope
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (B, nh, N, hd)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(2)  # (B, N, nh·hd)
+
+
+def _norm(dim: int, enabled: bool, eps: float) -> nn.Module:
+    return FP32RMSNorm(dim, eps) if enabled else nn.Identity()
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = _norm(dim, qk_norm, eps)
+        self.norm_k = _norm(dim, qk_norm, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_source: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x, kv_source: ``B×N×dim``; cos, sin: ``N×head_dim/2``."""
+        kv_source = x if kv_source is None else kv_source
+        q = _split_heads(self.norm_q(self.to_q(x)), self.num_heads)
+        k = _split_heads(self.norm_k(self.to_k(kv_source)), self.num_heads)
+        v = _split_heads(self.to_v(kv_source), self.num_heads)
+        out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return self.to_out(_merge_heads(out))
+
+
+class CrossAttention(nn.Module):
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, image_branch: bool = True
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = _norm(dim, qk_norm, eps)
+        self.norm_k = _norm(dim, qk_norm, eps)
+        self.image_branch = image_branch
+        if image_branch:
+            self.to_k_img = nn.Linear(dim, dim)
+            self.to_v_img = nn.Linear(dim, dim)
+            self.norm_k_img = _norm(dim, qk_norm, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: ``B×N×dim``; text: ``B×L×dim`` (embedded); text_mask: ``B×L`` bool (True = attend);
+        image: ``B×M×dim`` (embedded), required exactly when the image branch exists."""
+        q = _split_heads(self.norm_q(self.to_q(x)), self.num_heads)
+        k = _split_heads(self.norm_k(self.to_k(text)), self.num_heads)
+        v = _split_heads(self.to_v(text), self.num_heads)
+        mask = None if text_mask is None else text_mask[:, None, None, :]  # (B, 1, 1, L)
+        out = attention(q, k, v, attn_mask=mask)
+        if self.image_branch:
+            k_img = _split_heads(self.norm_k_img(self.to_k_img(image)), self.num_heads)
+            v_img = _split_heads(self.to_v_img(image), self.num_heads)
+            out = out + attention(q, k_img, v_img)
+        return self.to_out(_merge_heads(out))

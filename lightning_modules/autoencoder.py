@@ -1,0 +1,238 @@
+"""FSAE training, all three stages of §2.2.1 in one module (the config picks what is on).
+
+    stage 1: L1 + 0.1·LPIPS
+    stage 2: + 0.1·GAN (3D multiscale discriminator, non-saturating loss, lazy R1), from ``gan.start_step``
+    stage 3: + patch decoding of the last decoder blocks at high resolution, LPIPS sliced in time
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from fsvideo.ae import FSAE, FSAEConfig
+from fsvideo.discriminator import DiscriminatorConfig, MultiscaleDiscriminator3D
+from fsvideo.losses import PerceptualLoss, discriminator_loss, generator_loss, r1_penalty
+from lightning_modules.base import OptimizerConfig, TrainingStage
+from lightning_modules.ema import make_ema_twin
+from lightning_modules.weights import load_module_weights
+
+
+@dataclass
+class PerceptualConfig:
+    """LPIPS term of the reconstruction loss."""
+
+    weight: float = 0.1
+    """Weight of LPIPS in the loss (0.1 in the paper)."""
+    net: str = "vgg"
+    """LPIPS trunk: vgg or alex."""
+    backbone_path: str | None = None
+    """Local torchvision vgg16/alexnet state dict; None keeps a random trunk (tests, smoke runs)."""
+    frames_per_slice: int | None = None
+    """Frames per LPIPS call (stage 3 slices in time to bound memory); None = all at once."""
+
+
+@dataclass
+class GANConfig:
+    """Adversarial term (stage 2 on)."""
+
+    weight: float = 0.1
+    """Weight of the generator's adversarial loss (0.1 in the paper)."""
+    start_step: int = 0
+    """Generator step at which the GAN loss and discriminator updates begin."""
+    r1_gamma: float = 1.0
+    """R1 penalty weight γ."""
+    r1_every: int = 16
+    """Lazy R1: apply the penalty every N discriminator steps, scaled by N."""
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    """3D multiscale discriminator architecture."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Discriminator optimizer."""
+
+
+@dataclass
+class PatchDecodeConfig:
+    """Stage 3: decode a random 3D patch of the last decoder blocks' input (§2.2.1, footnote 3)."""
+
+    min_pixels: int = 512 * 512
+    """Use patch decoding when a frame has at least this many pixels."""
+    latent_patch_size: tuple[int, int, int] = (4, 4, 4)
+    """Patch of the feature map before the last 3 decoder blocks, in that map's (t, h, w) cells."""
+
+
+class AutoencoderModule(TrainingStage):
+    """Trains an FSAE.
+
+    Args:
+        autoencoder: network architecture.
+        optimizer: generator (autoencoder) optimizer.
+        perceptual: LPIPS settings.
+        gan: adversarial settings; None for stage 1.
+        patch_decode: stage-3 patch decoding; None to always decode whole frames.
+        init_from: checkpoint of an earlier stage (Lightning ``.ckpt``; EMA weights preferred when present).
+        dcae_weights: local diffusers ``AutoencoderDC`` folder to start from (the paper's initialisation).
+        ema_decay: decay of the EMA weights used for validation and export; 0 disables EMA.
+        max_nonfinite_in_row: stop after this many consecutive non-finite steps.
+        num_val_videos: reconstructions kept from the first validation batch for the video callback.
+    """
+
+    def __init__(
+        self,
+        autoencoder: FSAEConfig,
+        optimizer: OptimizerConfig | None = None,
+        perceptual: PerceptualConfig | None = None,
+        gan: GANConfig | None = None,
+        patch_decode: PatchDecodeConfig | None = None,
+        init_from: str | None = None,
+        dcae_weights: str | None = None,
+        ema_decay: float = 0.999,
+        max_nonfinite_in_row: int = 20,
+        num_val_videos: int = 2,
+    ) -> None:
+        super().__init__(ema_decay=ema_decay, max_nonfinite_in_row=max_nonfinite_in_row)
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.perceptual_config = perceptual or PerceptualConfig()
+        self.gan_config = gan
+        self.patch_decode = patch_decode
+        self.num_val_videos = num_val_videos
+
+        self.autoencoder = FSAE(autoencoder)
+        self.autoencoder.init_weights()
+        if dcae_weights is not None:
+            from fsvideo.convert.dcae import load_dcae_into_fsae
+
+            load_dcae_into_fsae(self.autoencoder, dcae_weights)
+        if init_from is not None:
+            load_module_weights(self.autoencoder, init_from, prefix="autoencoder")
+        self.autoencoder_ema = make_ema_twin(self.autoencoder) if ema_decay > 0 else None
+        self.perceptual = PerceptualLoss(
+            net=self.perceptual_config.net,
+            backbone_path=self.perceptual_config.backbone_path,
+            frames_per_slice=self.perceptual_config.frames_per_slice,
+        )
+        self.discriminator = MultiscaleDiscriminator3D(gan.discriminator) if gan is not None else None
+        if self.discriminator is not None:
+            self.discriminator.init_weights()
+
+        self.val_metrics = MetricCollection(
+            {
+                "psnr": PeakSignalNoiseRatio(data_range=1.0),
+                "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
+                "lpips": MeanMetric(),
+            },
+            prefix="val/",
+        )
+        self.val_examples: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---- optimisation ---------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optimizer, scheduler = self.optimizer_config.build(self.autoencoder.parameters())
+        optimizers, schedulers = [optimizer], [scheduler]
+        if self.discriminator is not None:
+            d_optimizer, d_scheduler = self.gan_config.optimizer.build(self.discriminator.parameters())
+            optimizers.append(d_optimizer)
+            schedulers.append(d_scheduler)
+        return optimizers, schedulers
+
+    def gan_active(self) -> bool:
+        return self.discriminator is not None and self.global_step >= self.gan_config.start_step
+
+    def reconstruct_for_loss(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction and the target it is compared with (a patch of both in stage 3)."""
+        use_patch = self.patch_decode is not None and video.shape[-2] * video.shape[-1] >= self.patch_decode.min_pixels
+        if not use_patch:
+            return self.autoencoder(video), video
+        latent = self.autoencoder.encode(video)
+        patch = self.autoencoder.decoder.decode_random_patch(
+            latent, self.patch_decode.latent_patch_size, generator=None
+        )
+        return patch.video, patch.crop_target(video)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        video = batch["video"]
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        gan_on = self.gan_active()
+
+        # 1. generator (autoencoder) step
+        recon, target = self.reconstruct_for_loss(video)
+        l1 = F.l1_loss(recon, target)
+        lpips_value = self.perceptual(recon, target)
+        loss = l1 + self.perceptual_config.weight * lpips_value
+        if gan_on:
+            self.discriminator.requires_grad_(False)
+            adversarial = generator_loss(self.discriminator(recon))
+            self.discriminator.requires_grad_(True)
+            loss = loss + self.gan_config.weight * adversarial
+            self.log("train/g_adv", adversarial)
+        stepped = self.guarded_step(
+            loss,
+            optimizers[0],
+            list(self.autoencoder.parameters()),
+            self.optimizer_config.grad_clip_norm,
+            schedulers[0],
+        )
+        if stepped:
+            self.update_ema(self.autoencoder_ema, self.autoencoder)
+
+        # 2. discriminator step (does not advance global_step)
+        if gan_on:
+            d_loss = discriminator_loss(self.discriminator(target), self.discriminator(recon.detach()))
+            if self.d_step_count() % self.gan_config.r1_every == 0:
+                r1 = r1_penalty(self.discriminator, target, self.gan_config.r1_gamma)
+                d_loss = d_loss + self.gan_config.r1_every * r1
+                self.log("train/r1", r1)
+            self.guarded_step(
+                d_loss,
+                optimizers[1],
+                list(self.discriminator.parameters()),
+                self.gan_config.optimizer.grad_clip_norm,
+                schedulers[1],
+                counts_as_step=False,
+            )
+            self.log("train/d_loss", d_loss)
+
+        self.log_dict({"train/loss": loss, "train/l1": l1, "train/lpips": lpips_value}, prog_bar=True)
+        return loss
+
+    def d_step_count(self) -> int:
+        return self.global_step - self.gan_config.start_step
+
+    # ---- validation ------------------------------------------------------------------------------
+
+    def inference_autoencoder(self) -> nn.Module:
+        """The weights to evaluate and export: EMA when kept."""
+        return self.autoencoder_ema if self.autoencoder_ema is not None else self.autoencoder
+
+    @torch.no_grad()
+    def reconstruct(self, video: torch.Tensor) -> torch.Tensor:
+        return self.inference_autoencoder()(video).clamp(-1, 1)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        video = batch["video"]
+        recon = self.reconstruct(video)
+        frames, recon_frames = fold_frames(video), fold_frames(recon)
+        self.val_metrics["psnr"].update((recon_frames + 1) / 2, (frames + 1) / 2)
+        self.val_metrics["ssim"].update((recon_frames + 1) / 2, (frames + 1) / 2)
+        self.val_metrics["lpips"].update(self.perceptual(recon, video))
+        if batch_idx == 0:
+            keep = slice(0, self.num_val_videos)
+            self.val_examples = (video[keep].detach().cpu(), recon[keep].detach().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+
+def fold_frames(video: torch.Tensor) -> torch.Tensor:
+    """``B×C×T×H×W`` → ``(B·T)×C×H×W``."""
+    return video.transpose(1, 2).flatten(0, 1)

@@ -1,0 +1,116 @@
+"""What every training stage shares: optimizer settings, EMA, and the guarded optimizer step.
+
+Stages use manual optimization so that one code path serves a single network (DiT) and
+generator/discriminator pairs (FSAE stage 2+). The guarded step skips an update whose loss or
+gradients are not finite, counts it, and stops the run after too many in a row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_modules.ema import update_ema
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings shared by every stage."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (the paper's stages use 0.9, 0.95)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to ``lr`` over this many optimizer steps; constant afterwards."""
+    grad_clip_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; None disables clipping (the norm is still checked)."""
+
+    def build(self, parameters) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        optimizer = torch.optim.AdamW(
+            parameters, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+        )
+        warmup = max(self.warmup_steps, 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        return optimizer, scheduler
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class TrainingStage(L.LightningModule):
+    """Base LightningModule of all stages.
+
+    Args:
+        ema_decay: decay of the weights' moving average; 0 disables EMA.
+        max_nonfinite_in_row: stop with a clear error after this many consecutive skipped steps.
+    """
+
+    def __init__(self, ema_decay: float = 0.999, max_nonfinite_in_row: int = 20) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.ema_decay = ema_decay
+        self.max_nonfinite_in_row = max_nonfinite_in_row
+        self.nonfinite_in_row = 0
+        self.register_buffer("skipped_nonfinite", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def guarded_step(
+        self,
+        loss: torch.Tensor,
+        optimizer,
+        parameters: list[nn.Parameter],
+        grad_clip_norm: float | None,
+        scheduler=None,
+        counts_as_step: bool = True,
+    ) -> bool:
+        """Backward, check, clip and step one optimizer. Returns False when the step was skipped.
+
+        ``counts_as_step=False`` steps the raw torch optimizer so that Lightning's ``global_step``
+        counts generator updates only (Lightning counts every ``LightningOptimizer.step`` call).
+        One host sync per call decides the skip: a non-finite update must never reach the weights.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            parameters, grad_clip_norm if grad_clip_norm is not None else math.inf
+        )
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_nonfinite += 1
+            self.nonfinite_in_row += 1
+            self.log("train/skipped_nonfinite", self.skipped_nonfinite.float(), on_step=True)
+            if self.nonfinite_in_row >= self.max_nonfinite_in_row:
+                self._raise_nonfinite(loss)
+            return False
+        self.nonfinite_in_row = 0
+        if counts_as_step:
+            optimizer.step()
+        else:
+            getattr(optimizer, "optimizer", optimizer).step()
+        if scheduler is not None:
+            scheduler.step()
+        self.log("train/grad_norm", grad_norm, on_step=True)
+        return True
+
+    def _raise_nonfinite(self, loss: torch.Tensor) -> None:
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        raise NonFiniteError(
+            f"{self.nonfinite_in_row} consecutive steps had a non-finite loss or gradient "
+            f"(last loss {loss.detach().float().item()}) at global step {self.global_step}. Likely causes: "
+            "a learning rate too high, fp16 overflow (use bf16-mixed or 32-true precision), or corrupt "
+            f"input data. Last good checkpoint: {last}. Lower the LR and resume with --ckpt_path."
+        )
+
+    def update_ema(self, ema: nn.Module | None, network: nn.Module) -> None:
+        if ema is not None:
+            update_ema(ema, network, self.ema_decay)

@@ -1,0 +1,55 @@
+"""The CLI: every bundled config parses, prints, and documents itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist():
+    assert any("tiny" in c for c in CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_print_config_resolves(config, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["model"]["class_path"].startswith("lightning_modules.")
+    assert resolved["data"]["class_path"].startswith("datamodules.")
+    assert resolved["checkpoint"]["dirpath"].endswith("checkpoints")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_help_with_config(config, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", config, "--help"])
+    assert "--ckpt_path" in capsys.readouterr().out
+
+
+def test_console_script_matches_cli_py():
+    fsvideo = Path(sys.executable).with_name("fsvideo")
+    out_script = subprocess.run([str(fsvideo), "--help"], capture_output=True, text=True, check=True).stdout
+    out_module = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "fit" in out_script and out_script == out_module
+
+
+def test_data_subcommand_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    out = capsys.readouterr().out
+    assert "sample" in out and "inspect" in out
