@@ -12,8 +12,8 @@ resolved ``config.yaml``, ``checkpoints/`` and the wandb run directory sit side 
 
 from __future__ import annotations
 
-import argparse
 import os
+import warnings
 import sys
 from pathlib import Path
 
@@ -25,6 +25,17 @@ from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.logging import resolve_wandb_mode
 
 RUN_CONFIG_NAME = "config.yaml"
+
+# Lightning warnings that are expected with this project's design, silenced so real ones stand out:
+# stages use manual optimization (checkpoints hold post-step weights, as intended), frozen networks
+# (EMA twins, LPIPS, encoders) stay in eval mode, and data streams know their per-rank length.
+for _message in (
+    "Using ModelCheckpoint with manual optimization",
+    r"Found \d+ module\(s\) in eval mode",
+    "Your `IterableDataset` has `__len__` defined",
+    "LightningCLI's args parameter is intended to run from within Python",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -52,6 +63,7 @@ class FSVideoCLI(LightningCLI):
             save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
             parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
             auto_configure_optimizers=False,
+            seed_everything_default=0,
             args=args,
             **kwargs,
         )
@@ -84,7 +96,8 @@ class FSVideoCLI(LightningCLI):
         trainer = config.trainer
         # A user-chosen logger wins; the default (True) becomes an offline-safe wandb run in the run dir.
         mode = resolve_wandb_mode(config.wandb.mode)
-        if trainer.logger is True and mode != "disabled":
+        default_logger = trainer.logger is None or trainer.logger is True
+        if default_logger and mode != "disabled":
             root = trainer.default_root_dir
             trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.WandbLogger",
@@ -95,36 +108,19 @@ class FSVideoCLI(LightningCLI):
                     "offline": mode == "offline",
                 },
             }
-        elif trainer.logger is True:
+        elif default_logger:
             trainer.logger = False
         if trainer.plugins is None:
             trainer.plugins = [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]
 
 
-def data_main(argv: list[str]) -> None:
-    """``fsvideo data sample|inspect``: dataset chores that are not training runs."""
-    parser = argparse.ArgumentParser(prog="fsvideo data", description="Dataset tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    sample = commands.add_parser("sample", help="Write the bundled sample dataset (WebDataset shards).")
-    sample.add_argument("--out", required=True, type=Path, help="Output folder.")
-    sample.add_argument("--seed", type=int, default=0, help="Seed; the same seed writes the same files.")
-    inspect = commands.add_parser("inspect", help="Count samples, buckets and bad samples in shards.")
-    inspect.add_argument("shards", nargs="+", help="Shard paths or brace patterns.")
-    args = parser.parse_args(argv)
-    if args.command == "sample":
-        from datamodules.sample_data import write_sample_dataset
-
-        print(write_sample_dataset(args.out, seed=args.seed))
-    else:
-        from datamodules.inspect import inspect_shards
-
-        print(inspect_shards(args.shards))
-
-
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "data":
-        data_main(argv[1:])
+    """Entry point of the ``fsvideo`` console script; ``argv`` defaults to the command line."""
+    command = (sys.argv[1:] if argv is None else argv)[:1]
+    if command == ["data"]:
+        from datamodules.commands import data_main
+
+        data_main((sys.argv[1:] if argv is None else argv)[1:])
         return
     FSVideoCLI(args=argv)
 

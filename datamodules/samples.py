@@ -80,8 +80,8 @@ class SampleDecoder:
             data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
             image = read_image(data)
             bucket = self.buckets.for_image(*image.size)
-            plan = CropPlan.cover(*image.size, bucket, rng if self.train else None)
-            return Clip(image_frames(image, plan), bucket, info["caption"], True, key, url, 0.0, info, 0.0)
+            frames = image_frames(image, bucket, rng if self.train else None)
+            return Clip(frames, bucket, info["caption"], True, key, url, 0.0, info, 0.0)
         data = next(sample[ext] for ext in VIDEO_EXTENSIONS if ext in sample)
         with VideoReader(data, fallback_fps=info.get("fps")) as video:
             bucket = self.buckets.for_video(video.width, video.height, video.available_frames(self.fps), rng)

@@ -62,8 +62,8 @@ class PatchDecodeConfig:
 
     min_pixels: int = 512 * 512
     """Use patch decoding when a frame has at least this many pixels."""
-    latent_patch_size: tuple[int, int, int] = (4, 4, 4)
-    """Patch of the feature map before the last 3 decoder blocks, in that map's (t, h, w) cells."""
+    latent_patch_size: tuple[int, int, int] = (4, 16, 16)
+    """(t, y, x) size of the crop of the feature map entering the last 3 decoder stages."""
 
 
 class AutoencoderModule(TrainingStage):
@@ -145,15 +145,21 @@ class AutoencoderModule(TrainingStage):
         return self.discriminator is not None and self.global_step >= self.gan_config.start_step
 
     def reconstruct_for_loss(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction and the target it is compared with (a patch of both in stage 3)."""
-        use_patch = self.patch_decode is not None and video.shape[-2] * video.shape[-1] >= self.patch_decode.min_pixels
-        if not use_patch:
+        """Reconstruction and the target it is compared with.
+
+        In stage 3, at high resolution, only a random patch goes through the last 3 decoder stages and
+        the loss sees only the part of it whose boundary conditions are valid (§2.2.1, footnote 3).
+        """
+        height, width = video.shape[-2:]
+        if self.patch_decode is None or height * width < self.patch_decode.min_pixels:
             return self.autoencoder(video), video
-        latent = self.autoencoder.encode(video)
-        patch = self.autoencoder.decoder.decode_random_patch(
-            latent, self.patch_decode.latent_patch_size, generator=None
-        )
-        return patch.video, patch.crop_target(video)
+        out = self.autoencoder.decode_patch(self.autoencoder.encode(video), self.patch_decode.latent_patch_size)
+        if out.valid.is_empty:
+            raise ValueError(
+                f"patch_decode.latent_patch_size {self.patch_decode.latent_patch_size} leaves no valid pixels: "
+                "the last decoder stages' receptive field is wider than the patch; enlarge the patch."
+            )
+        return out.valid_video(), video[out.valid.index()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         video = batch["video"]

@@ -28,7 +28,7 @@ def test_print_config_resolves(config, capsys, monkeypatch):
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["model"]["class_path"].startswith("lightning_modules.")
     assert resolved["data"]["class_path"].startswith("datamodules.")
-    assert resolved["checkpoint"]["dirpath"].endswith("checkpoints")
+    assert resolved["checkpoint"]["save_last"] is True
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -45,7 +45,7 @@ def test_console_script_matches_cli_py():
     out_module = subprocess.run(
         [sys.executable, str(REPO / "cli.py"), "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "fit" in out_script and out_script == out_module
+    assert "fit" in out_script and out_script == out_module.replace("cli.py", "fsvideo")
 
 
 def test_data_subcommand_help(capsys):

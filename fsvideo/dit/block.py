@@ -27,6 +27,11 @@ from fsvideo.dit.layer_memory import LayerMemoryRouter
 from fsvideo.dit.norms import FP32LayerNorm
 
 
+def _modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``norm(h)·(1 + scale) + shift`` in float32; h ``B×N×dim``, shift / scale ``B×dim``."""
+    return (norm(h.float()) * (1 + scale[:, None]) + shift[:, None]).type_as(h)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -82,19 +87,14 @@ class DiTBlock(nn.Module):
             self.modulation.float() + time_modulation
         ).unbind(1)  # each (B, dim)
 
-        def modulate(
-            h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, norm: nn.Module
-        ) -> torch.Tensor:
-            return (norm(h.float()) * (1 + scale[:, None]) + shift[:, None]).type_as(h)
-
         # 1. self-attention; with Layer Memory keys/values come from the routed mixture (eq. 8)
-        x_mod = modulate(x, shift_attn, scale_attn, self.norm_attn)
+        x_mod = _modulate(x, shift_attn, scale_attn, self.norm_attn)
         kv_source, router_max = None, None
         if self.router is not None:
             if history is None:
                 raise ValueError(f"block {self.layer_index} has a Layer Memory router and needs the history")
             mixture, weights = self.router(x_mod, history)
-            kv_source = modulate(mixture, shift_attn, scale_attn, self.norm_attn)
+            kv_source = _modulate(mixture, shift_attn, scale_attn, self.norm_attn)
             router_max = weights.detach().amax(dim=1)  # (B, l)
         attn_out = self.self_attn(x_mod, cos, sin, kv_source)
         x = (x.float() + attn_out.float() * gate_attn[:, None]).type_as(x)
@@ -103,6 +103,6 @@ class DiTBlock(nn.Module):
         x = x + self.cross_attn(self.norm_cross(x.float()).type_as(x), text, text_mask, image)
 
         # 3. feed-forward
-        ffn_out = self.ffn(modulate(x, shift_ffn, scale_ffn, self.norm_ffn))
+        ffn_out = self.ffn(_modulate(x, shift_ffn, scale_ffn, self.norm_ffn))
         x = (x.float() + ffn_out.float() * gate_ffn[:, None]).type_as(x)
         return x, router_max

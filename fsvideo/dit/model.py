@@ -163,6 +163,7 @@ class DiT(nn.Module):
         # 2. condition embeddings
         time_emb, time_modulation = self.time_embed(sigma * cfg.timestep_scale)
         text = self.text_embed(text_tokens)
+        text_mask = None if text_mask is None else text_mask.to(torch.bool)
         image = self.image_embed(image_tokens) if self.image_embed is not None else None
 
         # 3. blocks; the history X_0 … X_l feeds the Layer Memory routers

@@ -29,11 +29,11 @@ def test_config_rejects_inconsistent_fields(overrides, message):
 
 def test_video_and_image_shapes(tiny_model, random_video):
     with torch.no_grad():
-        video = random_video(17, 128, batch=2)
+        video = random_video(17, 128, batch=3)
         latent = tiny_model.encode(video)
-        assert latent.shape == (2, 16, 5, 2, 2)
+        assert latent.shape == (3, 16, 5, 2, 2)
         assert tiny_model.decode(latent).shape == video.shape
-        image = random_video(1, 64)
+        image = random_video(1, 64, batch=1)
         image_latent = tiny_model.encode(image)
         assert image_latent.shape == (1, 16, 1, 1, 1)
         assert tiny_model(image).shape == image.shape
@@ -48,7 +48,7 @@ def test_first_frame_features_are_those_of_the_image_alone(tiny_model, random_vi
     assert len(features) == NUM_FIRST_FRAME_FEATURES
     for stage, feature, image_feature in zip(tiny_model.feature_stages, features, image_features):
         side = 128 // 2**stage
-        assert feature.shape == (1, config.widths[stage], 1, side, side)
+        assert feature.shape == (2, config.widths[stage], 1, side, side)
         torch.testing.assert_close(feature, image_feature, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(latent[:, :, :1], image_latent, atol=1e-5, rtol=1e-5)
 

@@ -8,7 +8,7 @@ from fsvideo.ae.patch import tail_margins
 @pytest.fixture(scope="module")
 def latent_and_full(tiny_model):
     generator = torch.Generator().manual_seed(1)
-    video = torch.rand(1, 3, 13, 128, 128, generator=generator) * 2 - 1
+    video = torch.rand(2, 3, 13, 128, 128, generator=generator) * 2 - 1
     with torch.no_grad():
         latent = tiny_model.encode(video)
         return latent, tiny_model.decode(latent)
@@ -25,7 +25,7 @@ def test_spatial_patch_matches_full_decode_inside_valid_region(tiny_model, laten
     with torch.no_grad():
         out = tiny_model.decode_patch(latent, patch_size=(4, 10, 10), origin=(0, 3, 4))
     assert out.region == Box(0, 13, 24, 104, 32, 112)
-    assert out.video.shape == (1, 3, *out.region.shape)
+    assert out.video.shape == (2, 3, *out.region.shape)
     assert out.valid == Box(0, 13, 24 + 22, 104 - 22, 32 + 22, 112 - 22)
     torch.testing.assert_close(out.valid_video(), full[out.valid.index()], atol=1e-5, rtol=1e-5)
     # outside the valid region the zero padding of the crop shows
@@ -38,7 +38,9 @@ def test_space_time_patch_from_mid_video_is_exact_and_tight(tiny_model, latent_a
         out = tiny_model.decode_patch(latent, patch_size=(5, 40, 40), origin=(2, 10, 12), tail_stages=1)
     bad_frames, bad_pixels = tail_margins(tiny_model.config, 1)
     assert out.region == Box(3, 13, 20, 100, 24, 104)
-    assert out.valid == Box(3 + bad_frames, 13, 20 + bad_pixels, 100 - bad_pixels, 24 + bad_pixels, 104 - bad_pixels)
+    assert out.valid == Box(
+        3 + bad_frames, 13, 20 + bad_pixels, 100 - bad_pixels, 24 + bad_pixels, 104 - bad_pixels
+    )
     torch.testing.assert_close(out.valid_video(), full[out.valid.index()], atol=1e-5, rtol=1e-5)
     # the margins are tight: one step outside the valid box already differs
     diff = (out.video - full[out.region.index()]).abs().amax(dim=(0, 1))

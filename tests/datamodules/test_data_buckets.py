@@ -79,7 +79,9 @@ def test_token_budget_trades_frames_for_pixels():
     # 256² × 121 frames = 31 latent frames × 16 tokens; at 512² a latent frame costs 64 tokens → 7 → 25 frames.
     assert frames_for_token_budget(512, 256, 121) == 25
     assert frames_for_token_budget(128, 256, 17) == 77
-    buckets = BucketConfig(size=256, mixed=(Resolution(512), Resolution(128, num_frames=33, weight=2))).bucket_set(121)
+    buckets = BucketConfig(
+        size=256, mixed=(Resolution(512), Resolution(128, num_frames=33, weight=2))
+    ).bucket_set(121)
     assert [entry[0].num_frames for entry in buckets.video] == [121, 25, 33]
     assert buckets.weights == [1.0, 1.0, 2]
 

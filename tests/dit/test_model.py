@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsvideo.dit import DiT, DiTConfig
+from fsvideo import flow
+from fsvideo.dit import DiT, DiTConfig, build_i2v_condition
 
 
 @pytest.mark.parametrize("patch_size", [(1, 1, 1), (1, 2, 2)])
@@ -104,3 +105,20 @@ def test_paper_preset_parameter_count():
     assert counts[True] - counts[False] == routers == sum(n * 5120 + n for n in range(2, 41))
     assert routers < 0.01 * counts[False]
     assert 15e9 < counts[False] < 18e9  # Wan2.1-I2V-14B's block widths (≈16.4 B with the image branch)
+
+
+def test_sampling_through_the_dit_with_guidance(randomize):
+    config = DiTConfig.tiny()
+    model = randomize(DiT(config)).eval()
+    first_frame = torch.randn(1, config.latent_channels, 1, 2, 3)
+    condition = build_i2v_condition(first_frame, num_latent_frames=3)
+    text, image = torch.randn(1, 6, config.text_dim), torch.randn(1, 5, config.image_dim)
+
+    def velocity(text_tokens):
+        return lambda z, sigma: model(torch.cat([z, condition], dim=1), sigma, text_tokens, image)
+
+    guided = flow.classifier_free_guidance(velocity(text), velocity(torch.zeros_like(text)), scale=5.0)
+    noise = torch.randn(1, config.latent_channels, 3, 2, 3)
+    with torch.no_grad():
+        out = flow.sample(guided, noise, steps=3, shift=3.0, sampler="unipc")
+    assert out.shape == noise.shape and torch.isfinite(out).all() and not torch.allclose(out, noise)

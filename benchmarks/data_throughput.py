@@ -1,0 +1,109 @@
+"""Clips per second through ``VideoDataModule`` against a bare PyAV decode of the same clips, same run.
+
+    python benchmarks/data_throughput.py                     # writes the sample shards to a temp dir
+    python benchmarks/data_throughput.py --shards 'data/sample/train-{000000..000003}.tar' --workers 0 1 2
+
+The bare decode opens each mp4 from memory, seeks to a random start, decodes, and converts the frames a
+clip needs to full-size RGB: what any loader has to pay. The DataModule adds tar reading, json, bucketing,
+resizing, cropping, float conversion and worker IPC. The ratio is per worker process: (DataModule clips/s
+/ workers) / (bare clips/s); the goal is ≥ 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+
+import av
+import numpy as np
+import torch
+
+from datamodules.buckets import BucketConfig
+from datamodules.sample_data import write_sample_dataset
+from datamodules.shards import expand_shards, read_shard
+from datamodules.skips import SkipCounter
+from datamodules.video import VideoDataModule
+
+
+def bare_decode(data: bytes, num_frames: int, fps: float, rng: np.random.Generator) -> np.ndarray:
+    """Random start, seek, decode, nearest frame per target time, full-size RGB."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate)
+        duration = float(stream.duration * stream.time_base)
+        start = rng.uniform(0, max(0.0, duration - 0.5 / rate - (num_frames - 1) / fps))
+        if start > 0.5 / rate:
+            container.seek(int(start / stream.time_base), stream=stream, backward=True)
+        targets = start + np.arange(num_frames) / fps
+        out: list[np.ndarray] = []
+        for frame in container.decode(stream):
+            while len(out) < num_frames and targets[len(out)] < frame.time + 0.5 / rate:
+                out.append(frame.to_ndarray(format="rgb24"))
+            if len(out) == num_frames:
+                break
+    return np.stack(out)
+
+
+def bare_clips_per_second(videos: list[bytes], num_frames: int, fps: float, clips: int) -> float:
+    rng = np.random.default_rng(0)
+    bare_decode(videos[0], num_frames, fps, rng)
+    begin = time.perf_counter()
+    for i in range(clips):
+        bare_decode(videos[i % len(videos)], num_frames, fps, rng)
+    return clips / (time.perf_counter() - begin)
+
+
+def datamodule_clips_per_second(
+    shards: str, workers: int, num_frames: int, fps: float, size: int, batches: int
+) -> float:
+    dm = VideoDataModule(
+        shards,
+        batch_size=1,
+        num_workers=workers,
+        num_frames=num_frames,
+        fps=fps,
+        buckets=BucketConfig(size=size),
+        image_fraction=0.0,
+        batches_per_epoch=batches + 2 * max(1, workers),
+    )
+    iterator = iter(dm.train_dataloader())
+    for _ in range(2 * max(1, workers)):  # worker start-up and first decodes are not throughput
+        next(iterator)
+    begin = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches / (time.perf_counter() - begin)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shards", default=None, help="shards to read (default: write the sample dataset)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num-frames", type=int, default=17)
+    parser.add_argument("--fps", type=float, default=24.0)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--clips", type=int, default=120, help="clips timed per measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards or write_sample_dataset(tmp, seed=0).train
+        counter = SkipCounter()
+        videos = [s["mp4"] for url in expand_shards(shards) for s in read_shard(url, counter) if "mp4" in s]
+        print(f"{len(videos)} mp4 clips; {args.num_frames} frames at {args.fps:g} fps; buckets ~{args.size}²")
+        print(f"{'loader':<22}{'clips/s':>9}{'per worker':>12}{'bare clips/s':>14}{'ratio/worker':>14}")
+        for workers in args.workers:
+            bare = bare_clips_per_second(videos, args.num_frames, args.fps, args.clips)
+            ours = datamodule_clips_per_second(
+                shards, workers, args.num_frames, args.fps, args.size, args.clips
+            )
+            per_worker = ours / max(1, workers)
+            label = f"DataModule, {workers} worker{'s' if workers != 1 else ''}"
+            print(f"{label:<22}{ours:9.1f}{per_worker:12.1f}{bare:14.1f}{per_worker / bare:14.2f}")
+
+
+if __name__ == "__main__":
+    main()
