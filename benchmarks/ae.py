@@ -62,7 +62,10 @@ def build(name: str, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, 
             config.temporal_compression,
             config.latent_channels,
         )
-    return model.to(device=device, dtype=dtype).eval(), spatial, temporal, channels
+    model = model.to(device=device)
+    if dtype != torch.float32:
+        model = model.to(dtype=dtype)
+    return model.eval(), spatial, temporal, channels
 
 
 def resident_kib() -> int:

@@ -43,7 +43,7 @@ class Clip:
     """A decoded sample, cut and cropped to its bucket."""
 
     frames: np.ndarray
-    """``T×H×W×3`` uint8 RGB."""
+    """``T×3×H×W`` uint8 RGB."""
     bucket: Bucket
     caption: str
     is_image: bool

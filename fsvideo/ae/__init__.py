@@ -12,10 +12,12 @@ Public API:
       .forward(video)                       → reconstruction.
       .decode_patch(latent, patch_size, origin=None, generator=None, tail_stages=3) → PatchDecodeOutput
                             stage-3 training: only a crop goes through the last 3 decoder stages;
-                            ``out.valid_video()`` matches ``target[out.valid.index()]``.
+                            patch_size/origin ``(t, y, x)`` in that stage input's units (latent frames,
+                            pixels / 8); ``out.valid_video()`` matches ``target[out.valid.index()]``.
       .enable_gradient_checkpointing(enabled=True)
       .check_video(video) / .check_latent(latent)   the input checks (ValueError)
     PatchDecodeOutput, Box  result of patch decoding and the half-open T×H×W box it reports.
+    tail_margins(config, tail_stages=3)   (frames, pixels) lost beside an inner crop edge, to size patches.
     TilingConfig            temporal splitting (exact, carries the causal cache) and blended 3D tiling.
     CausalCache             causal state across temporal chunks (for custom chunked loops).
     encode_chunked, decode_chunked, encode_tiled, decode_tiled   the functions behind ``tiling``.
@@ -24,7 +26,7 @@ Public API:
 from fsvideo.ae.autoencoder import FSAE, NUM_FIRST_FRAME_FEATURES, VALUE_TOLERANCE
 from fsvideo.ae.config import FSAEConfig
 from fsvideo.ae.conv import CausalCache, CausalConv3d
-from fsvideo.ae.patch import Box, PatchDecodeOutput
+from fsvideo.ae.patch import Box, PatchDecodeOutput, tail_margins
 from fsvideo.ae.tiling import TilingConfig, decode_chunked, decode_tiled, encode_chunked, encode_tiled
 
 __all__ = [
@@ -41,4 +43,5 @@ __all__ = [
     "decode_tiled",
     "encode_chunked",
     "encode_tiled",
+    "tail_margins",
 ]

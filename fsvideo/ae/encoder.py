@@ -60,7 +60,7 @@ class Encoder(nn.Module):
         for i, stage in enumerate(self.stages):
             h = run_blocks(stage.blocks, h, cache, self.gradient_checkpointing)
             if i in feature_stages:
-                features.append(h[:, :, :1])
+                features.append(h[:, :, :1].clone())  # a view would keep the whole stage output alive
             if stage.down is not None:
                 h = stage.down(h, cache)
         latent = self.conv_out(h, cache)

@@ -81,7 +81,7 @@ def first_frame_aligned(index: int, factor: int) -> int:
     return 0 if index == 0 else factor * (index - 1) + 1
 
 
-def tail_margins(config: FSAEConfig, tail_stages: int) -> tuple[int, int]:
+def tail_margins(config: FSAEConfig, tail_stages: int = 3) -> tuple[int, int]:
     """Output frames and pixels next to an inner crop edge that differ from the full decode.
 
     Each causal conv with ``kt`` taps spoils ``kt - 1`` more frames after a cut in time, each

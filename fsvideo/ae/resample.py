@@ -26,7 +26,7 @@ def space_time_to_channel(x: torch.Tensor, time_factor: int, space_factor: int) 
     f, s = time_factor, space_factor
     if t % f or h % s or w % s:
         raise ValueError(f"cannot fold {t}×{h}×{w} by time {f} and space {s}: sizes must divide")
-    x = x.view(b, c, t // f, f, h // s, s, w // s, s)
+    x = x.reshape(b, c, t // f, f, h // s, s, w // s, s)
     x = x.permute(0, 1, 5, 7, 3, 2, 4, 6)  # B, C, dy, dx, dt, T/f, H/s, W/s
     return x.reshape(b, c * s * s * f, t // f, h // s, w // s)
 
@@ -35,7 +35,7 @@ def channel_to_space_time(x: torch.Tensor, time_factor: int, space_factor: int) 
     """Inverse of :func:`space_time_to_channel`."""
     b, c, t, h, w = x.shape
     f, s = time_factor, space_factor
-    x = x.view(b, c // (s * s * f), s, s, f, t, h, w)
+    x = x.reshape(b, c // (s * s * f), s, s, f, t, h, w)
     x = x.permute(0, 1, 5, 4, 6, 2, 7, 3)  # B, C', T, dt, H, dy, W, dx
     return x.reshape(b, c // (s * s * f), t * f, h * s, w * s)
 
