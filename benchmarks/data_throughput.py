@@ -3,10 +3,11 @@
     python benchmarks/data_throughput.py                     # writes the sample shards to a temp dir
     python benchmarks/data_throughput.py --shards 'data/sample/train-{000000..000003}.tar' --workers 0 1 2
 
-The bare decode opens each mp4 from memory, seeks to a random start, decodes, and converts the frames a
-clip needs to full-size RGB: what any loader has to pay. The DataModule adds tar reading, json, bucketing,
-resizing, cropping, float conversion and worker IPC. The ratio is per worker process: (DataModule clips/s
-/ workers) / (bare clips/s); the goal is ≥ 0.8.
+Two bare loops, each opening every mp4 from memory, seeking to a random start and decoding the frames a
+clip needs: "rgb" converts them to full-size RGB (decode only); "rgb@bucket" has swscale convert them
+straight to the size that covers the bucket, then crops (the least work that yields the same tensors).
+The DataModule adds tar reading, json, bucketing, the crop/resize, batching, worker IPC and the float
+conversion. Ratios are per worker process: (DataModule clips/s / workers) / (bare clips/s); goal ≥ 0.8.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ import av
 import numpy as np
 import torch
 
-from datamodules.buckets import BucketConfig
+from datamodules.buckets import BucketConfig, BucketSet, cover_scale
 from datamodules.sample_data import write_sample_dataset
 from datamodules.shards import expand_shards, read_shard
 from datamodules.skips import SkipCounter
 from datamodules.video import VideoDataModule
 
 
-def bare_decode(data: bytes, num_frames: int, fps: float, rng: np.random.Generator) -> np.ndarray:
-    """Random start, seek, decode, nearest frame per target time, full-size RGB."""
+def bare_decode(
+    data: bytes, num_frames: int, fps: float, rng: np.random.Generator, buckets: BucketSet | None
+):
+    """Random start, seek, decode, nearest frame per target time; full-size RGB, or bucket-size with ``buckets``."""
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # as the DataModule decodes, so the ratio measures only its own overhead
@@ -37,27 +40,38 @@ def bare_decode(data: bytes, num_frames: int, fps: float, rng: np.random.Generat
         start = rng.uniform(0, max(0.0, duration - 0.5 / rate - (num_frames - 1) / fps))
         if start > 0.5 / rate:
             container.seek(int(start / stream.time_base), stream=stream, backward=True)
+        size: dict[str, int] = {}
+        if buckets is not None:
+            width, height = stream.codec_context.width, stream.codec_context.height
+            bucket = buckets.nearest(buckets.video[0], width, height)
+            scale = cover_scale(bucket, width, height)
+            size = {
+                "width": round(width * scale),
+                "height": round(height * scale),
+                "interpolation": "BILINEAR",
+            }
         targets = start + np.arange(num_frames) / fps
         out: list[np.ndarray] = []
         for frame in container.decode(stream):
             while len(out) < num_frames and targets[len(out)] < frame.time + 0.5 / rate:
-                out.append(frame.to_ndarray(format="rgb24"))
+                rgb = frame.to_ndarray(format="rgb24", **size)
+                out.append(rgb[: bucket.height, : bucket.width] if size else rgb)
             if len(out) == num_frames:
                 break
     return np.stack(out)
 
 
 def bare_clips_per_second(
-    videos: list[bytes], num_frames: int, fps: float, clips: int, repeats: int
+    videos: list[bytes], num_frames: int, fps: float, buckets: BucketSet | None, clips: int, repeats: int
 ) -> float:
     """Best of ``repeats`` timings of ``clips`` decodes (the machine may be shared)."""
     rng = np.random.default_rng(0)
-    bare_decode(videos[0], num_frames, fps, rng)
+    bare_decode(videos[0], num_frames, fps, rng, buckets)
     best = 0.0
     for _ in range(repeats):
         begin = time.perf_counter()
         for i in range(clips):
-            bare_decode(videos[i % len(videos)], num_frames, fps, rng)
+            bare_decode(videos[i % len(videos)], num_frames, fps, rng, buckets)
         best = max(best, clips / (time.perf_counter() - begin))
     return best
 
@@ -107,15 +121,23 @@ def main() -> None:
         counter = SkipCounter()
         videos = [s["mp4"] for url in expand_shards(shards) for s in read_shard(url, counter) if "mp4" in s]
         print(f"{len(videos)} mp4 clips; {args.num_frames} frames at {args.fps:g} fps; buckets ~{args.size}²")
-        print(f"{'loader':<22}{'clips/s':>9}{'per worker':>12}{'bare clips/s':>14}{'ratio/worker':>14}")
+        buckets = BucketConfig(size=args.size).bucket_set(args.num_frames)
+        header = f"{'loader':<22}{'clips/s':>9}{'per worker':>12}{'bare rgb':>10}{'ratio':>7}"
+        print(header + f"{'bare rgb@bucket':>17}{'ratio':>7}")
         for workers in args.workers:
-            bare = bare_clips_per_second(videos, args.num_frames, args.fps, args.clips, args.repeats)
+            bare = bare_clips_per_second(videos, args.num_frames, args.fps, None, args.clips, args.repeats)
+            bare_sized = bare_clips_per_second(
+                videos, args.num_frames, args.fps, buckets, args.clips, args.repeats
+            )
             ours = datamodule_clips_per_second(
                 shards, workers, args.num_frames, args.fps, args.size, args.clips, args.repeats
             )
             per_worker = ours / max(1, workers)
             label = f"DataModule, {workers} worker{'s' if workers != 1 else ''}"
-            print(f"{label:<22}{ours:9.1f}{per_worker:12.1f}{bare:14.1f}{per_worker / bare:14.2f}")
+            print(
+                f"{label:<22}{ours:9.1f}{per_worker:12.1f}{bare:10.1f}{per_worker / bare:7.2f}"
+                f"{bare_sized:17.1f}{per_worker / bare_sized:7.2f}"
+            )
 
 
 if __name__ == "__main__":

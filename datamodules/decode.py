@@ -48,10 +48,11 @@ class CropPlan:
             x, y = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
         return cls(x, y, crop_w, crop_h, bucket.width, bucket.height)
 
-    def apply(self, frames: np.ndarray) -> np.ndarray:
-        """``T×H×W×3`` uint8 frames → ``T×3×out_height×out_width`` uint8 (antialiased bilinear)."""
-        crop = torch.from_numpy(frames[:, self.y : self.y + self.height, self.x : self.x + self.width])
-        crop = crop.permute(0, 3, 1, 2)  # T×3×h×w view in channels-last memory: torch's fast uint8 path
+    def apply(self, frames: list[np.ndarray]) -> np.ndarray:
+        """``T`` frames ``H×W×3`` uint8 → ``T×3×out_height×out_width`` uint8 (antialiased bilinear)."""
+        crop = torch.stack(
+            [torch.from_numpy(f[self.y : self.y + self.height, self.x : self.x + self.width]) for f in frames]
+        ).permute(0, 3, 1, 2)  # T×3×h×w view in channels-last memory: torch's fast uint8 path
         if (self.width, self.height) != (self.out_width, self.out_height):
             crop = F.interpolate(
                 crop, size=(self.out_height, self.out_width), mode="bilinear", antialias=True
@@ -140,7 +141,7 @@ class VideoReader:
             raise SkipSample(
                 "short", f"stream ended after {len(out)} of {num_frames} frames from {start:.2f}s"
             )
-        return plan.apply(np.stack(out))
+        return plan.apply(out)
 
 
 def read_image(data: bytes) -> Image.Image:
@@ -157,7 +158,7 @@ def image_frames(image: Image.Image, bucket: Bucket, rng: np.random.Generator | 
         # JPEG can decode at 1/2, 1/4 or 1/8 scale; draft keeps the result at least as large as requested.
         scale = cover_scale(bucket, *image.size)
         image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
-        rgb = np.array(image.convert("RGB"))[None]
+        rgb = np.array(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
         raise SkipSample("decode", f"cannot decode image: {type(e).__name__}: {e}") from e
-    return CropPlan.cover(rgb.shape[2], rgb.shape[1], bucket, rng).apply(rgb)
+    return CropPlan.cover(rgb.shape[1], rgb.shape[0], bucket, rng).apply([rgb])

@@ -46,10 +46,10 @@ class Cursor:
         return asdict(self)
 
 
-def to_video_tensor(frames: np.ndarray) -> torch.Tensor:
-    """``B×T×3×H×W`` uint8 → ``B×3×T×H×W`` float32 in [-1, 1]."""
-    video = torch.from_numpy(frames).transpose(1, 2).contiguous()  # moves whole H×W planes: cheap in uint8
-    return video.float().mul_(1 / 127.5).sub_(1.0)
+def normalize_video(video: torch.Tensor) -> torch.Tensor:
+    """uint8 → float32 in [-1, 1], in one pass, on the tensor's device."""
+    out = torch.empty(video.shape, dtype=torch.float32, device=video.device)
+    return torch.add(torch.tensor(-1.0, device=video.device), video, alpha=1 / 127.5, out=out)
 
 
 class _WorkerStream:
@@ -144,7 +144,8 @@ class _WorkerStream:
     def _collate(self, clips: list[Clip]) -> dict[str, Any]:
         fps = [self.ds.fps or float(c.info.get("fps") or 0) for c in clips]
         return {
-            "video": to_video_tensor(np.stack([c.frames for c in clips])),
+            # B×T×3×H×W → B×3×T×H×W in uint8: whole H×W planes move, and workers ship a quarter of float32.
+            "video": torch.from_numpy(np.stack([c.frames for c in clips])).transpose(1, 2).contiguous(),
             "caption": [c.caption for c in clips],
             "is_image": torch.tensor([c.is_image for c in clips]),
             "meta": {
@@ -166,8 +167,9 @@ class _WorkerStream:
 class BucketedClipDataset(IterableDataset):
     """Yields ready batches (``batch_size=None`` in the DataLoader), ``batches`` per rank per iteration.
 
-    A batch is ``{"video": B×3×T×H×W float in [-1, 1], "caption": list[str], "is_image": bool B,
-    "meta": {...}}``; every sample of a batch has the same bucket (T, H, W). Images are 1-frame clips.
+    A batch is ``{"video": B×3×T×H×W uint8, "caption": list[str], "is_image": bool B, "meta": {...}}``;
+    every sample of a batch has the same bucket (T, H, W). Images are 1-frame clips. ``normalize_video`` turns
+    the video into float in [-1, 1] (``VideoDataModule`` does it after the batch reaches its device).
     """
 
     def __init__(

@@ -1,5 +1,9 @@
 """``VideoDataModule``: WebDataset shards of videos and stills → bucketed ``B×3×T×H×W`` batches in [-1, 1].
 
+Workers ship videos as uint8 (a quarter of the bytes); they become float in [-1, 1] after the batch reaches
+its device (``on_after_batch_transfer``, so on the GPU when training on one), or, when a loader is iterated
+outside a Trainer, in the loader itself. Either way the consumer sees float in [-1, 1].
+
 How skip counts reach the logs: workers are separate processes, so each batch carries its worker's running
 counts in ``batch["meta"]["skipped"]`` (and its stream position in ``meta["cursor"]``). The DataModule's
 loaders keep the latest of each per worker, and ``skipped_counts()`` sums them into ``data/skipped_*``
@@ -18,17 +22,19 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.buckets import BucketConfig, check_num_frames
-from datamodules.pipeline import BucketedClipDataset
+from datamodules.pipeline import BucketedClipDataset, normalize_video
 from datamodules.skips import SKIP_REASONS, log_keys
 
 log = logging.getLogger(__name__)
 
 
 class TrackingLoader(DataLoader):
-    """A DataLoader that remembers the latest skip counts and cursor each worker reported in its batches."""
+    """A DataLoader that remembers the latest skip counts and cursor each worker reported in its batches,
+    and with ``normalize`` turns the uint8 video into float in [-1, 1] itself."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, normalize: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.normalize = normalize
         self.skipped: dict[int, dict[str, int]] = {}
         self.cursors: dict[int, dict[str, int]] = {}
 
@@ -37,6 +43,8 @@ class TrackingLoader(DataLoader):
             meta = batch["meta"]
             self.skipped[meta["worker"]] = meta["skipped"]
             self.cursors[meta["worker"]] = meta["cursor"]
+            if self.normalize:
+                batch["video"] = normalize_video(batch["video"])
             yield batch
 
 
@@ -129,6 +137,8 @@ class VideoDataModule(LightningDataModule):
     def _loader(self, stage: str, dataset: BucketedClipDataset) -> TrackingLoader:
         loader = TrackingLoader(
             dataset,
+            # Under a Trainer, on_after_batch_transfer normalises on the training device instead.
+            normalize=self.trainer is None,
             batch_size=None,
             num_workers=self.num_workers,
             # The training stream lives in its workers and continues across epochs.
@@ -145,6 +155,11 @@ class VideoDataModule(LightningDataModule):
         if self.val_shards is None:
             return []
         return self._loader("val", self._dataset(self.val_shards, self.val_batches, train=False))
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if batch["video"].dtype == torch.uint8:
+            batch["video"] = normalize_video(batch["video"])
+        return batch
 
     def skipped_counts(self, stage: str = "train") -> dict[str, int]:
         """``data/skipped_<reason>`` (and ``data/skipped_total``) so far on this rank: training counts run

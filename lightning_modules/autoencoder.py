@@ -18,6 +18,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from fsvideo.ae import FSAE, FSAEConfig
 from fsvideo.discriminator import DiscriminatorConfig, MultiscaleDiscriminator3D
+from fsvideo.fvd import FeatureStatistics, frechet_distance, load_video_feature_extractor
 from fsvideo.losses import PerceptualLoss, discriminator_loss, generator_loss, r1_penalty
 from lightning_modules.base import OptimizerConfig, TrainingStage
 from lightning_modules.ema import make_ema_twin
@@ -80,6 +81,8 @@ class AutoencoderModule(TrainingStage):
         ema_decay: decay of the EMA weights used for validation and export; 0 disables EMA.
         max_nonfinite_in_row: stop after this many consecutive non-finite steps.
         num_val_videos: reconstructions kept from the first validation batch for the video callback.
+        fvd_extractor: local TorchScript I3D (``i3d_torchscript.pt``) for ``val/fvd``; None skips FVD.
+            Statistics are per process: run evaluation on one device for the Table-2 number.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class AutoencoderModule(TrainingStage):
         ema_decay: float = 0.999,
         max_nonfinite_in_row: int = 20,
         num_val_videos: int = 2,
+        fvd_extractor: str | None = None,
     ) -> None:
         super().__init__(ema_decay=ema_decay, max_nonfinite_in_row=max_nonfinite_in_row)
         self.optimizer_config = optimizer or OptimizerConfig()
@@ -129,6 +133,8 @@ class AutoencoderModule(TrainingStage):
             prefix="val/",
         )
         self.val_examples: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Kept out of the module tree so that the frozen I3D never lands in checkpoints.
+        self.fvd = {"extractor": load_video_feature_extractor(fvd_extractor)} if fvd_extractor else {}
 
     # ---- optimisation ---------------------------------------------------------------------------
 
@@ -230,6 +236,8 @@ class AutoencoderModule(TrainingStage):
         self.val_metrics["psnr"].update((recon_frames + 1) / 2, (frames + 1) / 2)
         self.val_metrics["ssim"].update((recon_frames + 1) / 2, (frames + 1) / 2)
         self.val_metrics["lpips"].update(self.perceptual(recon, video))
+        if self.fvd:
+            self.update_fvd(video, recon)
         if batch_idx == 0:
             keep = slice(0, self.num_val_videos)
             self.val_examples = (video[keep].detach().cpu(), recon[keep].detach().cpu())
@@ -237,6 +245,22 @@ class AutoencoderModule(TrainingStage):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
+        if self.fvd.get("real") is not None:
+            real, fake = self.fvd.pop("real"), self.fvd.pop("fake")
+            if real.count < 2:
+                raise ValueError(
+                    f"FVD needs at least 2 validation videos, got {real.count}; raise data.val_batches."
+                )
+            self.log("val/fvd", frechet_distance(*real.compute(), *fake.compute()))
+
+    def update_fvd(self, video: torch.Tensor, recon: torch.Tensor) -> None:
+        extractor = self.fvd["extractor"].to(video.device)
+        real_features, fake_features = extractor(video), extractor(recon)
+        if self.fvd.get("real") is None:
+            self.fvd["real"] = FeatureStatistics(real_features.shape[1])
+            self.fvd["fake"] = FeatureStatistics(real_features.shape[1])
+        self.fvd["real"].update(real_features)
+        self.fvd["fake"].update(fake_features)
 
 
 def fold_frames(video: torch.Tensor) -> torch.Tensor:
