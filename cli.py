@@ -5,6 +5,7 @@
     fsvideo validate|test|predict --config …
     fsvideo data sample --out data/sample                       # write the bundled sample shards
     fsvideo data inspect 'data/sample/train-{000000..000003}.tar'
+    fsvideo report id --run "no reg=runs/a" --run "video VF=runs/b" --shards 'data/sample/val-000000.tar'
 
 Every run lives in ``trainer.default_root_dir`` (``runs/<name>`` in the bundled configs): the fully
 resolved ``config.yaml``, ``checkpoints/`` and the wandb run directory sit side by side.
@@ -116,12 +117,15 @@ class FSVideoCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fsvideo`` console script; ``argv`` defaults to the command line."""
-    command = (sys.argv[1:] if argv is None else argv)[:1]
-    if command == ["data"]:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["data"]:
         from datamodules.commands import data_main
 
-        data_main((sys.argv[1:] if argv is None else argv)[1:])
-        return
+        return data_main(args[1:])
+    if args[:1] == ["report"]:
+        from callbacks.reports import report_main
+
+        return report_main(args[1:])
     FSVideoCLI(args=argv)
 
 

@@ -9,6 +9,7 @@ Token counts are those a DiT sees: Wan latent with a 1×2×2 patch, FSAE latent 
 
     python benchmarks/ae.py --help
     python benchmarks/ae.py --frames 17 --size 256 --models fsae-tiny fsae-paper wan
+    python benchmarks/ae.py --models fsae-paper wan --fsae-chunk 1   # FSAE with temporal splitting
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256, help="height and width (multiple of 64)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="what to measure")
+    parser.add_argument(
+        "--fsae-chunk",
+        type=int,
+        default=0,
+        help="FSAE temporal splitting: latent frames per causal chunk (0: one shot; Wan always chunks)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed calls (the best is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +143,8 @@ def main() -> None:
 
     print(
         f"\nclip {args.batch}×3×{args.frames}×{args.size}×{args.size}, {args.device}, {args.dtype}, "
-        f"best of {args.repeats} after {args.warmup} warm-up; ratios are Wan / model (>1: model better)"
+        f"best of {args.repeats} after {args.warmup} warm-up, FSAE temporal chunk "
+        f"{args.fsae_chunk or 'off'}; ratios are Wan / model (>1: model better)"
     )
     header = (
         f"{'model':10s} {'params':>8s} {'latent C×t×h×w':>16s} {'tokens':>7s} {'enc s':>8s} {'dec s':>8s} "

@@ -48,8 +48,9 @@ class CropPlan:
             x, y = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
         return cls(x, y, crop_w, crop_h, bucket.width, bucket.height)
 
-    def apply(self, frames: list[np.ndarray]) -> np.ndarray:
-        """``T`` frames ``H×W×3`` uint8 → ``T×3×out_height×out_width`` uint8 (antialiased bilinear)."""
+    def apply(self, frames: list[np.ndarray]) -> torch.Tensor:
+        """``T`` frames ``H×W×3`` uint8 → ``T×3×out_height×out_width`` uint8 (antialiased bilinear), in
+        channels-last memory: the batch is assembled with one copy later."""
         crop = torch.stack(
             [torch.from_numpy(f[self.y : self.y + self.height, self.x : self.x + self.width]) for f in frames]
         ).permute(0, 3, 1, 2)  # T×3×h×w view in channels-last memory: torch's fast uint8 path
@@ -57,7 +58,7 @@ class CropPlan:
             crop = F.interpolate(
                 crop, size=(self.out_height, self.out_width), mode="bilinear", antialias=True
             )
-        return crop.contiguous().numpy()
+        return crop
 
 
 class VideoReader:
@@ -114,7 +115,7 @@ class VideoReader:
             return 0.0
         return max(0.0, self.duration - 0.5 / self.rate - (num_frames - 1) / fps)
 
-    def read(self, start: float, num_frames: int, fps: float | None, plan: CropPlan) -> np.ndarray:
+    def read(self, start: float, num_frames: int, fps: float | None, plan: CropPlan) -> torch.Tensor:
         """Frames at ``start + i/fps`` (nearest source frame each) → ``T×3×H×W`` uint8, cropped and resized."""
         fps = fps or self.rate
         half_frame = 0.5 / self.rate
@@ -152,7 +153,7 @@ def read_image(data: bytes) -> Image.Image:
         raise SkipSample("decode", f"cannot open image: {type(e).__name__}: {e}") from e
 
 
-def image_frames(image: Image.Image, bucket: Bucket, rng: np.random.Generator | None) -> np.ndarray:
+def image_frames(image: Image.Image, bucket: Bucket, rng: np.random.Generator | None) -> torch.Tensor:
     """Decodes a still and cuts it to the bucket (random crop with ``rng``, else centred) → ``1×3×H×W`` uint8."""
     try:
         # JPEG can decode at 1/2, 1/4 or 1/8 scale; draft keeps the result at least as large as requested.

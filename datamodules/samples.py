@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from datamodules.buckets import Bucket, BucketSet
 from datamodules.decode import CropPlan, VideoReader, image_frames, read_image
@@ -42,8 +43,8 @@ def parse_json(raw: bytes | None) -> dict[str, Any]:
 class Clip:
     """A decoded sample, cut and cropped to its bucket."""
 
-    frames: np.ndarray
-    """``T×3×H×W`` uint8 RGB."""
+    frames: torch.Tensor
+    """``T×3×H×W`` uint8 RGB (any memory layout)."""
     bucket: Bucket
     caption: str
     is_image: bool

@@ -1,0 +1,75 @@
+"""``fsvideo report …``: tables and figures that compare finished runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from callbacks.id_report import PAPER_SCALES, compare_checkpoints
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsvideo report", description="Compare finished runs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    id_parser = commands.add_parser(
+        "id", help="Table 1: Gride intrinsic dimension of several autoencoders' latents on the same data"
+    )
+    id_parser.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a method name and its FSAE run directory or checkpoint; repeat for each row",
+    )
+    id_parser.add_argument("--shards", required=True, help="held-out shards (path or brace pattern)")
+    id_parser.add_argument("--size", type=int, default=256, help="bucket size (target area size²)")
+    id_parser.add_argument("--num-frames", type=int, default=17, help="frames per video clip (1 + 4k)")
+    id_parser.add_argument("--batch-size", type=int, default=4)
+    id_parser.add_argument("--max-batches", type=int, default=16, help="held-out batches encoded per run")
+    id_parser.add_argument(
+        "--point-mode", choices=("token", "latent"), default="token", help="what one point of the ID estimate is"
+    )
+    id_parser.add_argument("--max-points", type=int, default=2000, help="points drawn per kind (video, image)")
+    id_parser.add_argument("--seed", type=int, default=0)
+    id_parser.add_argument("--device", default="cpu")
+    id_parser.add_argument("--out", type=Path, default=None, help="folder for id_report.json / id_report.md")
+    return parser
+
+
+def report_main(argv: list[str]) -> None:
+    """Entry point of ``fsvideo report``; ``argv`` excludes ``report`` itself."""
+    args = _parser().parse_args(argv)
+    from datamodules.buckets import BucketConfig
+    from datamodules.video import VideoDataModule
+
+    runs = {}
+    for item in args.run:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--run expects NAME=PATH, got {item!r}")
+        runs[name] = path
+    data = VideoDataModule(
+        train_shards=args.shards,
+        val_shards=args.shards,
+        batch_size=args.batch_size,
+        num_workers=0,
+        num_frames=args.num_frames,
+        buckets=BucketConfig(size=args.size),
+        val_batches=args.max_batches,
+        seed=args.seed,
+    )
+    data.setup("validate")
+    report = compare_checkpoints(
+        runs,
+        data.val_dataloader(),
+        point_mode=args.point_mode,
+        max_points=args.max_points,
+        max_batches=args.max_batches,
+        scales=PAPER_SCALES,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(report.markdown())
+    if args.out is not None:
+        for path in report.write(args.out):
+            print(f"wrote {path}")
