@@ -14,8 +14,8 @@ resolved ``config.yaml``, ``checkpoints/`` and the wandb run directory sit side 
 from __future__ import annotations
 
 import os
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
@@ -112,7 +112,9 @@ class FSVideoCLI(LightningCLI):
         elif default_logger:
             trainer.logger = False
         if trainer.plugins is None:
-            trainer.plugins = [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]
+            trainer.plugins = [
+                {"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}
+            ]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,16 +62,22 @@ def bare_decode(
 
 
 def bare_clips_per_second(
-    videos: list[bytes], num_frames: int, fps: float, buckets: BucketSet | None, clips: int, repeats: int
+    videos: list[bytes],
+    num_frames: int,
+    fps: float,
+    buckets: BucketSet | None,
+    threads: bool,
+    clips: int,
+    repeats: int,
 ) -> float:
     """Best of ``repeats`` timings of ``clips`` decodes (the machine may be shared)."""
     rng = np.random.default_rng(0)
-    bare_decode(videos[0], num_frames, fps, rng, buckets)
+    bare_decode(videos[0], num_frames, fps, rng, buckets, threads)
     best = 0.0
     for _ in range(repeats):
         begin = time.perf_counter()
         for i in range(clips):
-            bare_decode(videos[i % len(videos)], num_frames, fps, rng, buckets)
+            bare_decode(videos[i % len(videos)], num_frames, fps, rng, buckets, threads)
         best = max(best, clips / (time.perf_counter() - begin))
     return best
 
@@ -125,10 +131,10 @@ def main() -> None:
         header = f"{'loader':<22}{'clips/s':>9}{'per worker':>12}{'bare rgb':>10}{'ratio':>7}"
         print(header + f"{'bare rgb@bucket':>17}{'ratio':>7}")
         for workers in args.workers:
-            bare = bare_clips_per_second(videos, args.num_frames, args.fps, None, args.clips, args.repeats)
-            bare_sized = bare_clips_per_second(
-                videos, args.num_frames, args.fps, buckets, args.clips, args.repeats
-            )
+            threads = workers == 0
+            timing = (args.clips, args.repeats)
+            bare = bare_clips_per_second(videos, args.num_frames, args.fps, None, threads, *timing)
+            bare_sized = bare_clips_per_second(videos, args.num_frames, args.fps, buckets, threads, *timing)
             ours = datamodule_clips_per_second(
                 shards, workers, args.num_frames, args.fps, args.size, args.clips, args.repeats
             )

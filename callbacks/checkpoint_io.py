@@ -35,7 +35,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", expected: str = "a checkpoint") -> Any:
+def safe_torch_load(
+    path: str | os.PathLike, map_location: Any = "cpu", expected: str = "a checkpoint"
+) -> Any:
     """``torch.load(weights_only=True)`` with an error that names the file and what was expected."""
     path = Path(path)
     if not path.is_file():
@@ -53,7 +55,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", expected
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that writes local files atomically and loads them with ``weights_only``."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)

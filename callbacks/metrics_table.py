@@ -33,7 +33,9 @@ class MetricsTable(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        values = {key: float(trainer.callback_metrics[key]) for key in self.keys if key in trainer.callback_metrics}
+        values = {
+            key: float(trainer.callback_metrics[key]) for key in self.keys if key in trainer.callback_metrics
+        }
         label = self.label or Path(trainer.default_root_dir).name
         header = "| run | step | " + " | ".join(k.split("/")[-1].upper() for k in self.keys) + " |"
         cells = [f"{values[k]:.4f}" if k in values and math.isfinite(values[k]) else "—" for k in self.keys]

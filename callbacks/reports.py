@@ -27,9 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     id_parser.add_argument("--batch-size", type=int, default=4)
     id_parser.add_argument("--max-batches", type=int, default=16, help="held-out batches encoded per run")
     id_parser.add_argument(
-        "--point-mode", choices=("token", "latent"), default="token", help="what one point of the ID estimate is"
+        "--point-mode",
+        choices=("token", "latent"),
+        default="token",
+        help="what one point of the ID estimate is",
     )
-    id_parser.add_argument("--max-points", type=int, default=2000, help="points drawn per kind (video, image)")
+    id_parser.add_argument(
+        "--max-points", type=int, default=2000, help="points drawn per kind (video, image)"
+    )
     id_parser.add_argument("--seed", type=int, default=0)
     id_parser.add_argument("--device", default="cpu")
     id_parser.add_argument("--out", type=Path, default=None, help="folder for id_report.json / id_report.md")

@@ -45,4 +45,3 @@ class ValidationVideos(L.Callback):
                     step=trainer.global_step,
                 )
         pl_module.val_examples = None
-

@@ -62,15 +62,22 @@ class CropPlan:
 
 
 class VideoReader:
-    """An mp4 (any container FFmpeg reads) held in memory; use as a context manager."""
+    """An mp4 (any container FFmpeg reads) held in memory; use as a context manager.
 
-    def __init__(self, data: bytes, fallback_fps: float | None = None) -> None:
+    ``threads`` lets FFmpeg decode with frame threads (one process using several cores); DataLoader workers
+    already run in parallel, so there each decoder keeps to one thread.
+    """
+
+    def __init__(self, data: bytes, fallback_fps: float | None = None, threads: bool = True) -> None:
         try:
             self.container = av.open(io.BytesIO(data), mode="r")
             self.stream = self.container.streams.video[0]
         except (av.FFmpegError, IndexError, ValueError) as e:
             raise SkipSample("decode", f"cannot open video: {type(e).__name__}: {e}") from e
-        self.stream.thread_type = "AUTO"
+        if threads:
+            self.stream.thread_type = "AUTO"
+        else:
+            self.stream.thread_count = 1
         ctx = self.stream.codec_context
         self.width, self.height = ctx.width, ctx.height
         rate = self.stream.average_rate or self.stream.guessed_rate or fallback_fps

@@ -47,9 +47,19 @@ class Cursor:
 
 
 def normalize_video(video: torch.Tensor) -> torch.Tensor:
-    """uint8 → float32 in [-1, 1], in one pass, on the tensor's device."""
+    """uint8 → contiguous float32 in [-1, 1] (0 and 255 map exactly to -1 and 1), on the tensor's device."""
     out = torch.empty(video.shape, dtype=torch.float32, device=video.device)
-    return torch.add(torch.tensor(-1.0, device=video.device), video, alpha=1 / 127.5, out=out)
+    return torch.sub(video, 127.5, out=out).div_(127.5)
+
+
+def stack_clips(clips: list[Clip]) -> torch.Tensor:
+    """Clips of one bucket → ``B×3×T×H×W`` uint8 (one copy)."""
+    return torch.stack([clip.frames.transpose(0, 1) for clip in clips])
+
+
+def to_video_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Stacked clip frames ``B×T×3×H×W`` uint8 → ``B×3×T×H×W`` float32 in [-1, 1]."""
+    return normalize_video(torch.as_tensor(frames).transpose(1, 2))
 
 
 class _WorkerStream:
@@ -60,7 +70,8 @@ class _WorkerStream:
         self.slot = slot
         self.cursor = Cursor(**cursor.as_dict())
         self.counter = SkipCounter(f" (rank {slot.rank}, worker {slot.worker})")
-        self.decoder = SampleDecoder(dataset.buckets, dataset.fps, train=dataset.train)
+        in_worker = get_worker_info() is not None
+        self.decoder = SampleDecoder(dataset.buckets, dataset.fps, train=dataset.train, threads=not in_worker)
         self.pending: dict[Bucket, list[Clip]] = {}
         self.ready: dict[str, deque[list[Clip]]] = {kind: deque() for kind in KINDS}
         # Full batches of the kind not asked for wait here (at most one); a kind with no share is never decoded.
@@ -144,8 +155,7 @@ class _WorkerStream:
     def _collate(self, clips: list[Clip]) -> dict[str, Any]:
         fps = [self.ds.fps or float(c.info.get("fps") or 0) for c in clips]
         return {
-            # One copy into B×3×T×H×W uint8; workers ship a quarter of the bytes of float32.
-            "video": torch.stack([c.frames.transpose(0, 1) for c in clips]),
+            "video": stack_clips(clips),  # uint8: workers ship a quarter of the bytes of float32
             "caption": [c.caption for c in clips],
             "is_image": torch.tensor([c.is_image for c in clips]),
             "meta": {

@@ -63,12 +63,14 @@ class SampleDecoder:
 
     ``train`` draws the clip start, the crop and the mixed-resolution entry from the sample's RNG; otherwise
     the clip starts at 0 and the crop is centred (the entry is still drawn, from a fixed-seed RNG).
+    ``threads``: decode with FFmpeg frame threads (right in a single process, not in DataLoader workers).
     """
 
-    def __init__(self, buckets: BucketSet, fps: float | None, train: bool) -> None:
+    def __init__(self, buckets: BucketSet, fps: float | None, train: bool, threads: bool = True) -> None:
         self.buckets = buckets
         self.fps = fps
         self.train = train
+        self.threads = threads
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> Clip:
         kind = media_kind(sample)
@@ -84,7 +86,7 @@ class SampleDecoder:
             frames = image_frames(image, bucket, rng if self.train else None)
             return Clip(frames, bucket, info["caption"], True, key, url, 0.0, info, 0.0)
         data = next(sample[ext] for ext in VIDEO_EXTENSIONS if ext in sample)
-        with VideoReader(data, fallback_fps=info.get("fps")) as video:
+        with VideoReader(data, fallback_fps=info.get("fps"), threads=self.threads) as video:
             bucket = self.buckets.for_video(video.width, video.height, video.available_frames(self.fps), rng)
             start = float(rng.uniform(0, video.max_start(bucket.num_frames, self.fps))) if self.train else 0.0
             plan = CropPlan.cover(video.width, video.height, bucket, rng if self.train else None)

@@ -67,7 +67,7 @@ class VideoDataModule(LightningDataModule):
         num_workers: int = 2,
         num_frames: int = 17,
         fps: float | None = 24.0,
-        buckets: BucketConfig | None = None,
+        buckets: BucketConfig = BucketConfig(),
         image_fraction: float | None = None,
         batches_per_epoch: int = 100,
         val_batches: int = 4,
@@ -82,8 +82,8 @@ class VideoDataModule(LightningDataModule):
             num_workers: DataLoader worker processes per rank (0 reads in the main process).
             num_frames: Frames per video clip at the main bucket size; must be 1 + 4k (17, 61, 121, …).
             fps: Frame rate clips are cut at (source frames are repeated or dropped); None keeps the source rate.
-            buckets: Aspect-ratio buckets (target area, ratios, the 64-pixel grid, mixed-resolution entries);
-                None means ``BucketConfig()`` (about 256² pixels).
+            buckets: Aspect-ratio buckets: target area (``size``, about 256² pixels by default), ratios, the
+                64-pixel grid, mixed-resolution entries.
             image_fraction: Share of batches made of stills; None takes images and videos as they come.
             batches_per_epoch: Training batches each rank yields per epoch (the stream cycles over the shards).
             val_batches: Validation batches each rank yields per validation run (always the same ones).
@@ -102,7 +102,7 @@ class VideoDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.num_frames = num_frames
         self.fps = fps
-        self.buckets = buckets or BucketConfig()
+        self.buckets = buckets
         self.bucket_set = self.buckets.bucket_set(num_frames)
         self.image_fraction = image_fraction
         self.batches_per_epoch = batches_per_epoch

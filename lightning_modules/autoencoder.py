@@ -1,8 +1,8 @@
 """FSAE training, all three stages of §2.2.1 in one module (the config picks what is on).
 
-    stage 1: L1 + 0.1·LPIPS
-    stage 2: + 0.1·GAN (3D multiscale discriminator, non-saturating loss, lazy R1), from ``gan.start_step``
-    stage 3: + patch decoding of the last decoder blocks at high resolution, LPIPS sliced in time
+stage 1: L1 + 0.1·LPIPS
+stage 2: + 0.1·GAN (3D multiscale discriminator, non-saturating loss, lazy R1), from ``gan.start_step``
+stage 3: + patch decoding of the last decoder blocks at high resolution, LPIPS sliced in time
 """
 
 from __future__ import annotations
@@ -159,7 +159,9 @@ class AutoencoderModule(TrainingStage):
         height, width = video.shape[-2:]
         if self.patch_decode is None or height * width < self.patch_decode.min_pixels:
             return self.autoencoder(video), video
-        out = self.autoencoder.decode_patch(self.autoencoder.encode(video), self.patch_decode.latent_patch_size)
+        out = self.autoencoder.decode_patch(
+            self.autoencoder.encode(video), self.patch_decode.latent_patch_size
+        )
         if out.valid.is_empty:
             raise ValueError(
                 f"patch_decode.latent_patch_size {self.patch_decode.latent_patch_size} leaves no valid pixels: "

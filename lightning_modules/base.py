@@ -8,9 +8,12 @@ gradients are not finite, counts it, and stops the run after too many in a row.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,6 +114,39 @@ class TrainingStage(L.LightningModule):
             f"input data. Last good checkpoint: {last}. Lower the LR and resume with --ckpt_path."
         )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = capture_rng_states()
+        checkpoint["nonfinite_in_row"] = self.nonfinite_in_row
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+        self.nonfinite_in_row = checkpoint.get("nonfinite_in_row", 0)
+
     def update_ema(self, ema: nn.Module | None, network: nn.Module) -> None:
         if ema is not None:
             update_ema(ema, network, self.ema_decay)
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, in types ``torch.load(weights_only=True)`` reads."""
+    numpy_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    python_state = states["python"]
+    random.setstate((python_state[-2], tuple(python_state[:-2]), python_state[-1]))
+    np.random.set_state(
+        ("MT19937", states["numpy"]["keys"].numpy().astype(np.uint32), states["numpy"]["pos"], 0, 0.0)
+    )
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

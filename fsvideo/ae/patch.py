@@ -2,9 +2,12 @@
 
 The decoder runs its inner stages on the whole latent, a 3D patch is cropped from the feature map
 entering the last ``tail_stages`` stages (conv-only stages, so their receptive field is finite),
-and only that patch goes through them. Near a crop edge inside the video the zero padding of those
-convs differs from the real neighbours, so only an inner region of the patch output equals the full
-decode; :class:`PatchDecodeOutput` reports it and the training loss uses only that region.
+and only that patch goes through them. Near a spatial crop edge inside the frame the zero padding of
+those convs differs from the real neighbours, so only an inner region of the patch output equals
+the full decode; :class:`PatchDecodeOutput` reports it and the training loss uses only that region.
+In time the tail is causal: the crop is extended back by the frames its receptive field needs
+(:func:`tail_margins`, at most to the first frame), their outputs are dropped, and every frame of
+the patch is exact. That history costs tail compute and memory, not validity.
 
 Coordinates of the crop are those of the tail's input feature map: ``t`` in its frames (latent
 frames when the tail holds every temporal upsampling), ``y``/``x`` in pixels / ``2^tail_stages``.
@@ -12,6 +15,7 @@ frames when the tail holds every temporal upsampling), ``y``/``x`` in pixels / `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +86,8 @@ def first_frame_aligned(index: int, factor: int) -> int:
 
 
 def tail_margins(config: FSAEConfig, tail_stages: int = 3) -> tuple[int, int]:
-    """Output frames and pixels next to an inner crop edge that differ from the full decode.
+    """Output frames after a cut in time and pixels beside a cut in space that differ from the full
+    decode when the tail runs on a crop (the first sets how much history a patch carries).
 
     Each causal conv with ``kt`` taps spoils ``kt - 1`` more frames after a cut in time, each
     ``3×3`` conv one more pixel beside a cut in space; nearest upsampling doubles what is spoilt.
@@ -136,14 +141,18 @@ def decode_patch(
             f"patch at origin {tuple(origin)} of size {tuple(patch_size)} leaves the map {tuple(size)}"
         )
     (t0, y0, x0), (pt, py, px) = origin, patch_size
-    crop = features[:, :, t0 : t0 + pt, y0 : y0 + py, x0 : x0 + px]
-
-    # A crop from mid-video must not treat its first frame as the video's first frame.
-    cache = None if t0 == 0 else CausalCache(starts_at_first_frame=False, carry=False)
-    video = decoder.head(decoder.run_stages(crop, range(tail_stages - 1, -1, -1), cache), cache)
-
     scale = 2**tail_stages
     time_factor = 2 ** min(tail_stages, config.time_resample_stages)
+    bad_frames, bad_pixels = tail_margins(config, tail_stages)
+
+    # The tail is causal: with enough earlier frames of the crop run first (their outputs dropped),
+    # every frame of the patch is exact, so only space loses a margin.
+    start = max(0, t0 - math.ceil(bad_frames / time_factor))
+    crop = features[:, :, start : t0 + pt, y0 : y0 + py, x0 : x0 + px]
+    cache = None if start == 0 else CausalCache(starts_at_first_frame=False, carry=False)
+    video = decoder.head(decoder.run_stages(crop, range(tail_stages - 1, -1, -1), cache), cache)
+    video = video[:, :, first_frame_aligned(t0, time_factor) - first_frame_aligned(start, time_factor) :]
+
     region = Box(
         first_frame_aligned(t0, time_factor),
         time_factor * (t0 + pt - 1) + 1,
@@ -152,9 +161,8 @@ def decode_patch(
         scale * x0,
         scale * (x0 + px),
     )
-    bad_frames, bad_pixels = tail_margins(config, tail_stages)
     valid = Box(
-        region.t0 + (bad_frames if t0 > 0 else 0),
+        region.t0,
         region.t1,
         region.y0 + (bad_pixels if y0 > 0 else 0),
         region.y1 - (bad_pixels if y0 + py < size[1] else 0),

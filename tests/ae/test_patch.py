@@ -18,6 +18,8 @@ def test_tail_margins_count_spoilt_frames_and_pixels():
     # tiny: one ResBlock per stage; per stage: upsample (×2 then +kt-1 / +1), two convs; then conv_out.
     assert tail_margins(FSAEConfig.tiny(), 1) == (2 + 4 + 2, 1 + 2 + 1)
     assert tail_margins(FSAEConfig.tiny(), 3) == (44, 22)
+    # paper: three ResBlocks per stage, so a patch carries up to 100 frames (25 latent frames) of history
+    assert tail_margins(FSAEConfig.paper(), 3) == (100, 50)
 
 
 def test_spatial_patch_matches_full_decode_inside_valid_region(tiny_model, latent_and_full):
@@ -32,22 +34,25 @@ def test_spatial_patch_matches_full_decode_inside_valid_region(tiny_model, laten
     assert (out.video - full[out.region.index()]).abs().max() > 1e-3
 
 
-def test_space_time_patch_from_mid_video_is_exact_and_tight(tiny_model, latent_and_full):
+@pytest.mark.parametrize("t0", [2, 5])  # 5: the history the crop carries starts after frame 0
+def test_space_time_patch_from_mid_video_is_exact_and_tight(tiny_model, latent_and_full, t0):
     latent, full = latent_and_full
     with torch.no_grad():
-        out = tiny_model.decode_patch(latent, patch_size=(5, 40, 40), origin=(2, 10, 12), tail_stages=1)
-    bad_frames, bad_pixels = tail_margins(tiny_model.config, 1)
-    assert out.region == Box(3, 13, 20, 100, 24, 104)
+        out = tiny_model.decode_patch(latent, patch_size=(2, 40, 40), origin=(t0, 10, 12), tail_stages=1)
+    _, bad_pixels = tail_margins(tiny_model.config, 1)
+    # tail_stages=1: the crop is in stage-1 features (H/2, 2 frames per frame after the first)
+    t_start, t_end = 2 * (t0 - 1) + 1, 2 * (t0 + 1) + 1
+    assert out.region == Box(t_start, t_end, 20, 100, 24, 104)
     assert out.valid == Box(
-        3 + bad_frames, 13, 20 + bad_pixels, 100 - bad_pixels, 24 + bad_pixels, 104 - bad_pixels
+        t_start, t_end, 20 + bad_pixels, 100 - bad_pixels, 24 + bad_pixels, 104 - bad_pixels
     )
     torch.testing.assert_close(out.valid_video(), full[out.valid.index()], atol=1e-5, rtol=1e-5)
-    # the margins are tight: one step outside the valid box already differs
-    diff = (out.video - full[out.region.index()]).abs().amax(dim=(0, 1))
+    # the spatial margins are tight: one pixel outside the valid box already differs
+    diff = (out.video - full[out.region.index()]).abs().amax(dim=(0, 1, 2))
     v = out.valid.relative_to(out.region)
-    assert diff[v.t0 - 1, v.y0 : v.y1, v.x0 : v.x1].max() > 1e-4
-    assert diff[v.t0 : v.t1, v.y0 - 1, v.x0 : v.x1].max() > 1e-4
-    assert diff[v.t0 : v.t1, v.y0 : v.y1, v.x1].max() > 1e-4
+    assert diff[v.y0 - 1, v.x0 : v.x1].max() > 1e-4
+    assert diff[v.y1, v.x0 : v.x1].max() > 1e-4
+    assert diff[v.y0 : v.y1, v.x1].max() > 1e-4
 
 
 def test_random_patch_origin_follows_the_generator(tiny_model, latent_and_full):
@@ -57,8 +62,8 @@ def test_random_patch_origin_follows_the_generator(tiny_model, latent_and_full):
         again = tiny_model.decode_patch(latent, (2, 12, 12), generator=torch.Generator().manual_seed(3))
     assert first.region == again.region
     assert first.region.shape == ((1 if first.region.t0 == 0 else 4) + 4, 96, 96)
-    if not first.valid.is_empty:
-        torch.testing.assert_close(first.valid_video(), full[first.valid.index()], atol=1e-5, rtol=1e-5)
+    assert first.valid.shape[0] == first.region.shape[0] and not first.valid.is_empty
+    torch.testing.assert_close(first.valid_video(), full[first.valid.index()], atol=1e-5, rtol=1e-5)
 
 
 def test_patch_decoding_refuses_attention_tail_and_oversized_patch(tiny_model, latent_and_full):

@@ -73,7 +73,7 @@ def test_crop_plan_covers_the_bucket():
     offsets = {CropPlan.cover(384, 216, bucket, rng).x for _ in range(100)}
     assert offsets <= set(range(0, 25)) and len(offsets) > 5
     ramp = np.broadcast_to((np.arange(384) // 2).astype(np.uint8)[None, None, :, None], (2, 216, 384, 3))
-    out = centre.apply(list(ramp))
+    out = centre.apply(list(ramp.copy()))
     assert out.shape == (2, 3, 192, 320) and out.dtype == torch.uint8
     # The ramp (x // 2) is resampled over x = 12 … 371, not wrapped or flipped.
     row = out[0, 0, 0].numpy().astype(int)

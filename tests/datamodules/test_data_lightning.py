@@ -26,9 +26,11 @@ class KeyRecorder(LightningModule):
         self.out_dir = out_dir
         self.train_keys: list[str] = []
         self.val_batches = 0
+        self.video_dtypes: set[torch.dtype] = set()
 
     def training_step(self, batch, batch_idx):
         self.train_keys.extend(batch["meta"]["key"])
+        self.video_dtypes.add(batch["video"].dtype)
         loss = (self.weight * batch["video"]).square().mean()
         self.log("loss", loss, sync_dist=True)  # a collective every step: unequal counts would hang here
         self.log_dict(self.trainer.datamodule.skipped_counts(), sync_dist=True, reduce_fx="sum")
@@ -78,6 +80,7 @@ def test_trainer_fit_two_epochs_with_workers(sample_shards, tmp_path):
     )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 12 and len(model.train_keys) == 12
+    assert model.video_dtypes == {torch.float32}  # workers ship uint8; on_after_batch_transfer normalises
     assert model.val_batches == 4
     assert trainer.callback_metrics["data/skipped_shard"] >= 1
     trainer.save_checkpoint(tmp_path / "last.ckpt")

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.buckets import BucketConfig, Resolution
-from datamodules.pipeline import BucketedClipDataset
+from datamodules.pipeline import BucketedClipDataset, normalize_video
 from datamodules.shards import expand_shards
 from datamodules.video import VideoDataModule
 
@@ -207,3 +207,17 @@ def test_bad_dataset_arguments_are_clear_errors():
         BucketedClipDataset("x.tar", buckets, 1, 1, fps=8, train=True, image_fraction=1.5)
     with pytest.raises(ValueError, match="no shards"):
         BucketedClipDataset([], buckets, 1, 1, fps=8, train=True)
+
+
+def test_normalize_video_maps_uint8_onto_minus_one_to_one():
+    video = torch.tensor([0, 1, 127, 128, 254, 255], dtype=torch.uint8).view(1, 1, 1, 2, 3)
+    out = normalize_video(video)
+    assert out.dtype == torch.float32 and out.shape == video.shape
+    assert out.flatten().tolist() == [
+        -1.0,
+        pytest.approx(-1 + 2 / 255),
+        pytest.approx(-1 / 255),
+        pytest.approx(1 / 255),
+        pytest.approx(1 - 2 / 255),
+        1.0,
+    ]

@@ -16,7 +16,10 @@ from lightning_modules.base import OptimizerConfig
 def batches(num: int, frames: int = 5, size: int = 64) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     data = [
-        {"video": torch.rand(1, 3, frames, size, size, generator=generator) * 2 - 1, "is_image": torch.zeros(1)}
+        {
+            "video": torch.rand(1, 3, frames, size, size, generator=generator) * 2 - 1,
+            "is_image": torch.zeros(1),
+        }
         for _ in range(num)
     ]
     return DataLoader(data, batch_size=None)
@@ -95,7 +98,9 @@ def test_init_from_loads_ema_weights(tmp_path):
     path = tmp_path / "stage1.ckpt"
     trainer.save_checkpoint(path)
     module = tiny_module(init_from=str(path))
-    for (name, loaded), expected in zip(module.autoencoder.state_dict().items(), source.autoencoder_ema.state_dict().values()):
+    for (name, loaded), expected in zip(
+        module.autoencoder.state_dict().items(), source.autoencoder_ema.state_dict().values()
+    ):
         assert torch.equal(loaded, expected), name
 
 
