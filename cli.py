@@ -24,8 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.logging import resolve_wandb_mode
-
-RUN_CONFIG_NAME = "config.yaml"
+from fsvideo.checkpoints import RUN_CONFIG
 
 # Lightning warnings that are expected with this project's design, silenced so real ones stand out:
 # stages use manual optimization (checkpoints hold post-step weights, as intended), frozen networks
@@ -45,7 +44,7 @@ class SaveRunConfig(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, run_dir / RUN_CONFIG_NAME, skip_none=False, overwrite=True)
+        self.parser.save(self.config, run_dir / RUN_CONFIG, skip_none=False, overwrite=True)
         resolved = self.parser.dump(self.config, format="yaml", skip_none=False)
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": self.config.as_dict(), "config_yaml": resolved})

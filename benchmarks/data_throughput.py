@@ -29,12 +29,21 @@ from datamodules.video import VideoDataModule
 
 
 def bare_decode(
-    data: bytes, num_frames: int, fps: float, rng: np.random.Generator, buckets: BucketSet | None
-):
-    """Random start, seek, decode, nearest frame per target time; full-size RGB, or bucket-size with ``buckets``."""
+    data: bytes,
+    num_frames: int,
+    fps: float,
+    rng: np.random.Generator,
+    buckets: BucketSet | None,
+    threads: bool,
+) -> np.ndarray:
+    """Random start, seek, decode, nearest frame per target time; full-size RGB, or bucket-size with ``buckets``.
+    Threads as the DataModule decodes (frame threads in one process, one thread per worker process)."""
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # as the DataModule decodes, so the ratio measures only its own overhead
+        if threads:
+            stream.thread_type = "AUTO"
+        else:
+            stream.thread_count = 1
         rate = float(stream.average_rate)
         duration = float(stream.duration * stream.time_base)
         start = rng.uniform(0, max(0.0, duration - 0.5 / rate - (num_frames - 1) / fps))

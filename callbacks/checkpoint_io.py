@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from fsvideo.checkpoints import safe_torch_load
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -33,23 +33,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def safe_torch_load(
-    path: str | os.PathLike, map_location: Any = "cpu", expected: str = "a checkpoint"
-) -> Any:
-    """``torch.load(weights_only=True)`` with an error that names the file and what was expected."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; expected {expected}. Check the path in your config.")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as error:
-        raise ValueError(
-            f"{path} could not be read as {expected} ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            "The file is truncated, corrupt, or not a PyTorch checkpoint; use an earlier checkpoint "
-            "or re-export the weights."
-        ) from error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
+from fsvideo.checkpoints import load_network_from_run
 from fsvideo.intrinsic_dimension import PAPER_SCALES, gride_id, latents_to_points
 
 KINDS = ("video", "image")
@@ -42,7 +42,6 @@ POINT_MODES = {
 
 REPORT_JSON = "id_report.json"
 REPORT_MD = "id_report.md"
-RUN_CONFIG = "config.yaml"
 """The resolved config that ``cli.SaveRunConfig`` writes into every run directory."""
 
 
@@ -292,57 +291,9 @@ def compare_checkpoints(
     return IDReport(point_mode, scales, max_points, seed, rows, info)
 
 
-def find_run_files(path: str | Path) -> tuple[Path, Path]:
-    """``(config.yaml, checkpoint)`` of a run directory (its ``checkpoints/last.ckpt``) or of a checkpoint
-    inside one (the nearest ``config.yaml`` above it)."""
-    path = Path(path)
-    if path.is_dir():
-        checkpoint = path / "checkpoints" / "last.ckpt"
-        if not checkpoint.is_file():
-            found = sorted(p.name for p in (path / "checkpoints").glob("*.ckpt"))
-            raise FileNotFoundError(
-                f"{checkpoint}: no such file (checkpoints there: {found or 'none'}); "
-                "pass the checkpoint path itself."
-            )
-        candidates = [path / RUN_CONFIG]
-    elif path.is_file():
-        checkpoint = path
-        candidates = [parent / RUN_CONFIG for parent in list(path.parents)[:2]]
-    else:
-        raise FileNotFoundError(f"{path}: no such run directory or checkpoint.")
-    for config in candidates:
-        if config.is_file():
-            return config, checkpoint
-    raise FileNotFoundError(
-        f"no {RUN_CONFIG} beside {path} (looked in {[str(c.parent) for c in candidates]}); the FSAE "
-        "architecture is read from the config that `fsvideo fit` saves in the run directory."
-    )
-
-
 def load_autoencoder_from_run(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The FSAE of a run, in eval mode: architecture from ``config.yaml`` (``model.init_args.autoencoder``),
-    weights from the checkpoint (EMA when kept, as :func:`lightning_modules.weights.load_module_weights`)."""
+    weights from the checkpoint (EMA when kept)."""
     from fsvideo.ae import FSAE, FSAEConfig
-    from lightning_modules.weights import load_module_weights
 
-    config_path, checkpoint = find_run_files(path)
-    config = yaml.safe_load(config_path.read_text()) or {}
-    try:
-        fields = config["model"]["init_args"]["autoencoder"]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"{config_path} has no model.init_args.autoencoder section; it is not the config of a run "
-            "that trains or holds an FSAE."
-        ) from None
-    try:
-        ae_config = FSAEConfig(**fields)
-    except TypeError as error:
-        raise ValueError(
-            f"{config_path}: model.init_args.autoencoder is not an FSAEConfig ({error})."
-        ) from None
-    # No initialisation to waste: load_module_weights requires every tensor of the state dict.
-    with torch.device("meta"):
-        autoencoder = FSAE(ae_config)
-    autoencoder.to_empty(device=device)
-    load_module_weights(autoencoder, checkpoint, prefix="autoencoder")
-    return autoencoder.eval().requires_grad_(False)
+    return load_network_from_run(path, "autoencoder", lambda fields: FSAE(FSAEConfig(**fields)), device)

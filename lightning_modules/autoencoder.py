@@ -17,12 +17,12 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from fsvideo.ae import FSAE, FSAEConfig
+from fsvideo.checkpoints import load_module_weights
 from fsvideo.discriminator import DiscriminatorConfig, MultiscaleDiscriminator3D
 from fsvideo.fvd import FeatureStatistics, frechet_distance, load_video_feature_extractor
 from fsvideo.losses import PerceptualLoss, discriminator_loss, generator_loss, r1_penalty
 from lightning_modules.base import OptimizerConfig, TrainingStage
 from lightning_modules.ema import make_ema_twin
-from lightning_modules.weights import load_module_weights
 
 
 @dataclass

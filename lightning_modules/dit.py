@@ -300,6 +300,8 @@ class DiTModule(TrainingStage):
             losses.append(loss)
             if maxima is not None:
                 heatmaps.append(router_heatmap(maxima))
-        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=z0.shape[0])
+        self.log(
+            "val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=z0.shape[0]
+        )
         if heatmaps:
             self.val_router_heatmap = torch.stack(heatmaps).mean(0)
