@@ -46,7 +46,7 @@ from webdataset import ShardWriter
 
 from datamodules.buckets import BucketConfig
 from datamodules.latent_encoder import EncoderPaths, LatentEncoder, parse_dtype
-from datamodules.pipeline import to_video_tensor
+from datamodules.pipeline import normalize_video, stack_clips
 from datamodules.samples import Clip, SampleDecoder
 from datamodules.shards import expand_shards, read_shard
 from datamodules.skips import SkipCounter, SkipSample
@@ -364,7 +364,9 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any]) -> None:
                 "another --out, or delete that directory to replace it."
             )
     elif out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no latent cache; choose an empty or new --out directory.")
+        raise ValueError(
+            f"{out} is not empty and holds no latent cache; choose an empty or new --out directory."
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX_FILE).unlink(missing_ok=True)
     for stale in out.glob("latents-*.tar"):
@@ -422,7 +424,9 @@ def encode_shards(
     decoder = SampleDecoder(buckets.bucket_set(num_frames), fps, train=not validation)
     encoder = LatentEncoder.from_paths(paths).to(device)
     out = Path(out)
-    fingerprint = make_fingerprint(paths, encoder, buckets, num_frames, fps, validation, seed, urls, token_dtype)
+    fingerprint = make_fingerprint(
+        paths, encoder, buckets, num_frames, fps, validation, seed, urls, token_dtype
+    )
     _prepare_out(out, fingerprint)
 
     counter = SkipCounter(" (latent cache)")
@@ -432,13 +436,15 @@ def encode_shards(
     with ShardWriter(str(out / SHARD_NAME), maxcount=samples_per_shard, verbose=0) as writer:
 
         def flush(clips: list[Clip]) -> None:
-            video = to_video_tensor(np.stack([c.frames for c in clips])).to(device)
+            video = normalize_video(stack_clips(clips).to(device))
             encoded = {k: v.cpu() for k, v in encoder(video, [c.caption for c in clips]).items()}
             stats.update(encoded["latent"])
             for i, clip in enumerate(clips):
                 tensors = {"latent": encoded["latent"][i]}
                 if "text_tokens" in encoded:
-                    tensors["text_tokens"] = encoded["text_tokens"][i, encoded["text_mask"][i]].to(store_dtype)
+                    tensors["text_tokens"] = encoded["text_tokens"][i, encoded["text_mask"][i]].to(
+                        store_dtype
+                    )
                     tensors["image_tokens"] = encoded["image_tokens"][i].to(store_dtype)
                 meta = {
                     "caption": clip.caption,
@@ -490,4 +496,3 @@ def read_cache_samples(cache: LatentCache) -> Iterator[LatentSample]:
     for url in cache.urls:
         for raw in read_shard(url, counter):
             yield unpack_sample(raw)
-

@@ -141,7 +141,9 @@ class _LatentStream:
             },
         }
         if samples[0].text_tokens is not None:
-            batch["text_tokens"], batch["text_mask"] = pad_text([s.text_tokens for s in samples], self.ds.text_len)
+            batch["text_tokens"], batch["text_mask"] = pad_text(
+                [s.text_tokens for s in samples], self.ds.text_len
+            )
             batch["image_tokens"] = torch.stack([s.image_tokens.float() for s in samples])
         return batch
 
@@ -166,7 +168,9 @@ class LatentBatchDataset(IterableDataset):
         if batch_size < 1 or batches < 1:
             raise ValueError(f"batch_size={batch_size} and batches={batches} must be at least 1.")
         if image_fraction is not None and not 0 <= image_fraction <= 1:
-            raise ValueError(f"image_fraction={image_fraction} must be in [0, 1], or None for the cache's mix.")
+            raise ValueError(
+                f"image_fraction={image_fraction} must be in [0, 1], or None for the cache's mix."
+            )
         self.urls = cache.urls
         self.text_len = cache.text_len
         self.batch_size = batch_size
@@ -290,6 +294,7 @@ class LatentDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=train and self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            normalize=False,
         )
         self.loaders[stage] = loader
         return loader
@@ -312,7 +317,10 @@ class LatentDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Every rank's training-stream cursors (per worker); gathers across ranks under torch.distributed."""
         loader = self.loaders.get("train")
-        mine = {"num_workers": self.num_workers, "cursors": dict(loader.cursors) if loader is not None else {}}
+        mine = {
+            "num_workers": self.num_workers,
+            "cursors": dict(loader.cursors) if loader is not None else {},
+        }
         rank, world_size = self._rank_and_world()
         if world_size > 1 and dist.is_available() and dist.is_initialized():
             gathered: list[Any] = [None] * world_size
@@ -330,7 +338,11 @@ class LatentDataModule(LightningDataModule):
         if not self._resume:
             return None
         saved = self._resume["ranks"].get(rank)
-        if self._resume["world_size"] != world_size or saved is None or saved["num_workers"] != self.num_workers:
+        if (
+            self._resume["world_size"] != world_size
+            or saved is None
+            or saved["num_workers"] != self.num_workers
+        ):
             log.warning(
                 "latent data position not restored: the checkpoint was written with world_size=%s and "
                 "num_workers=%s, this run has %s and %s; the data stream starts over.",
@@ -382,6 +394,7 @@ class EncodingVideoDataModule(VideoDataModule):
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Replaces ``video`` by the encoded ``latent`` and condition tokens, on the batch's device."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
         video = batch["video"]
         if self.encoder.device != video.device:
             self.encoder.to(video.device)

@@ -48,18 +48,12 @@ class Cursor:
 
 def normalize_video(video: torch.Tensor) -> torch.Tensor:
     """uint8 → contiguous float32 in [-1, 1] (0 and 255 map exactly to -1 and 1), on the tensor's device."""
-    out = torch.empty(video.shape, dtype=torch.float32, device=video.device)
-    return torch.sub(video, 127.5, out=out).div_(127.5)
+    return video.to(torch.float32, memory_format=torch.contiguous_format).sub_(127.5).div_(127.5)
 
 
 def stack_clips(clips: list[Clip]) -> torch.Tensor:
     """Clips of one bucket → ``B×3×T×H×W`` uint8 (one copy)."""
     return torch.stack([clip.frames.transpose(0, 1) for clip in clips])
-
-
-def to_video_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Stacked clip frames ``B×T×3×H×W`` uint8 → ``B×3×T×H×W`` float32 in [-1, 1]."""
-    return normalize_video(torch.as_tensor(frames).transpose(1, 2))
 
 
 class _WorkerStream:

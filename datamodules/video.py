@@ -95,6 +95,15 @@ class VideoDataModule(LightningDataModule):
             raise ValueError(f"fps={fps} must be positive, or None to keep each video's own frame rate.")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be 0 or more.")
+        if min(batch_size, batches_per_epoch, val_batches) < 1:
+            raise ValueError(
+                f"batch_size={batch_size}, batches_per_epoch={batches_per_epoch} and val_batches={val_batches} "
+                "must each be at least 1."
+            )
+        if image_fraction is not None and not 0 <= image_fraction <= 1:
+            raise ValueError(
+                f"image_fraction={image_fraction} must be in [0, 1], or None for the data's own mix."
+            )
         self.save_hyperparameters()
         self.train_shards = train_shards
         self.val_shards = val_shards

@@ -110,3 +110,13 @@ def test_missing_kind_is_a_clear_error(shards, tmp_path):
     dataset = BucketedClipDataset(videos_only, BUCKETS, 1, 4, fps=8, train=True, image_fraction=1.0)
     with pytest.raises(RuntimeError, match="no usable image sample"):
         next(iter(dataset))
+
+
+def test_pipe_urls_pass_through_to_webdataset(shards, tmp_path):
+    good = write_tar(tmp_path / "good.tar", [("a.mp4", mp4(24)), ("a.json", caption("piped"))])
+    dataset = BucketedClipDataset(
+        [f"pipe:cat {good}", f"pipe:cat {tmp_path / 'absent.tar'}"], BUCKETS, 1, 2, fps=8, train=False
+    )
+    batches = list(dataset)
+    assert [b["caption"] for b in batches] == [["piped"], ["piped"]]
+    assert batches[-1]["meta"]["skipped"]["shard"] == 1  # the failing command counts as a bad shard

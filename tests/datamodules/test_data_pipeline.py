@@ -194,6 +194,8 @@ def test_skipped_counts_sum_the_workers(sample_shards, tmp_path):
         ({"num_frames": 16}, r"num_frames=16 is not 1 \+ 4k"),
         ({"fps": 0}, "fps=0 must be positive"),
         ({"num_workers": -1}, "num_workers"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"image_fraction": 2.0}, "image_fraction=2.0"),
     ],
 )
 def test_bad_datamodule_arguments_are_clear_errors(kwargs, message):
