@@ -38,12 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     id_parser.add_argument("--seed", type=int, default=0)
     id_parser.add_argument("--device", default="cpu")
     id_parser.add_argument("--out", type=Path, default=None, help="folder for id_report.json / id_report.md")
+    curves = commands.add_parser(
+        "loss-curves", help="training-loss curves of several runs in one figure (Fig. 7a)"
+    )
+    curves.add_argument("runs", nargs="+", help="run directories (each has loss_history.csv)")
+    curves.add_argument("--out", type=Path, required=True, help="PNG to write")
+    curves.add_argument("--labels", nargs="+", default=None, help="one label per run (default: folder names)")
+    curves.add_argument("--smoothing", type=float, default=0.9, help="EMA smoothing of the plotted curves")
     return parser
 
 
 def report_main(argv: list[str]) -> None:
     """Entry point of ``fsvideo report``; ``argv`` excludes ``report`` itself."""
     args = _parser().parse_args(argv)
+    if args.command == "loss-curves":
+        from callbacks.loss_history import plot_loss_curves
+
+        print(f"wrote {plot_loss_curves(args.runs, args.out, labels=args.labels, smoothing=args.smoothing)}")
+        return
     from datamodules.buckets import BucketConfig
     from datamodules.video import VideoDataModule
 

@@ -30,6 +30,32 @@ def _parser() -> argparse.ArgumentParser:
         "--fps", type=float, default=24.0, help="frame rate clips are cut at; 0 keeps the source rate"
     )
     inspect.add_argument("--max-samples", type=int, default=None, help="stop after this many samples")
+    encode = commands.add_parser(
+        "encode", help="latent cache for the DiT stages: FSAE latents + text/image tokens of video shards"
+    )
+    encode.add_argument("--config", required=True, help="FSAE run directory (or a checkpoint inside one)")
+    encode.add_argument("--shards", nargs="+", required=True, help="video shards (paths or brace patterns)")
+    encode.add_argument("--out", required=True, help="cache directory (resumes/refuses per its fingerprint)")
+    encode.add_argument("--text-encoder", default=None, help="local UMT5 encoder folder")
+    encode.add_argument("--image-encoder", default=None, help="local CLIP vision folder")
+    encode.add_argument("--text-len", type=int, default=512, help="prompt length in tokens")
+    encode.add_argument("--size", type=int, default=256, help="bucket size (target area size²)")
+    encode.add_argument("--num-frames", type=int, default=121, help="frames per clip (1 + 4k)")
+    encode.add_argument(
+        "--fps", type=float, default=24.0, help="frame rate clips are cut at; 0 keeps the source"
+    )
+    encode.add_argument("--validation", action="store_true", help="cut clips as the validation stream does")
+    encode.add_argument("--seed", type=int, default=0)
+    encode.add_argument("--batch-size", type=int, default=4, help="clips per encoder call")
+    encode.add_argument("--samples-per-shard", type=int, default=512)
+    encode.add_argument("--token-dtype", default="bfloat16", help="storage dtype of text/image tokens")
+    encode.add_argument("--encoder-dtype", default="float32", help="dtype of the text/image encoders")
+    encode.add_argument("--device", default="cpu")
+    tiny = commands.add_parser(
+        "tiny-encoders", help="write tiny RANDOM text/image/DINOv2 encoders (CPU demos and tests only)"
+    )
+    tiny.add_argument("--out", required=True, help="folder for text/, image/ and dino/")
+    tiny.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -40,6 +66,33 @@ def data_main(argv: list[str]) -> None:
         dataset = write_sample_dataset(args.out, seed=args.seed, train_shards=args.train_shards)
         print(f"wrote {dataset.train_samples} training samples to {dataset.train}")
         print(f"wrote {dataset.val_samples} validation samples to {dataset.val}")
+    elif args.command == "encode":
+        from datamodules.latent_cache import encode_shards
+
+        cache = encode_shards(
+            autoencoder=args.config,
+            shards=args.shards,
+            out=args.out,
+            text_encoder=args.text_encoder,
+            image_encoder=args.image_encoder,
+            text_len=args.text_len,
+            buckets=BucketConfig(size=args.size),
+            num_frames=args.num_frames,
+            fps=args.fps or None,
+            validation=args.validation,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            samples_per_shard=args.samples_per_shard,
+            token_dtype=args.token_dtype,
+            encoder_dtype=args.encoder_dtype,
+            device=args.device,
+        )
+        print(f"latent cache: {cache.index}")
+    elif args.command == "tiny-encoders":
+        from fsvideo.encoders import save_tiny_encoders
+
+        for name, path in save_tiny_encoders(args.out, seed=args.seed).items():
+            print(f"{name}: {path}")
     else:
         report = inspect_shards(
             args.shards,

@@ -351,6 +351,9 @@ def _clips(
                 yield decoder(raw, rng)
             except SkipSample as skip:
                 counter.record(skip, raw.get("__key__", ""), raw.get("__url__", ""))
+        log.info(
+            "read shard %d/%d: %s (skipped so far: %d)", shard_id + 1, len(urls), url, counter.counts.total()
+        )
 
 
 def _prepare_out(out: Path, fingerprint: dict[str, Any]) -> None:

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import safe_open
 from torch import nn
 
 from datamodules.latent_cache import LatentStats
+from fsvideo.checkpoints import load_module_weights
 from fsvideo.dit import DiT, DiTConfig, build_i2v_condition, router_heatmap
 from fsvideo.encoders import drop_conditions
 from fsvideo.flow import (
@@ -41,7 +45,25 @@ from fsvideo.flow import (
 )
 from lightning_modules.base import OptimizerConfig, TrainingStage
 from lightning_modules.ema import make_ema_twin
-from lightning_modules.weights import load_module_weights
+
+
+def latent_stats_of_checkpoint(path: str | Path) -> LatentStats | None:
+    """The ``latent_mean`` / ``latent_std`` a DiT checkpoint was trained with, or None when it holds none.
+
+    Memory-maps the file, so only these two tensors are read, whatever the size of the checkpoint.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            state = {k: f.get_tensor(k) for k in ("latent_mean", "latent_std") if k in keys}
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = checkpoint.get("state_dict", checkpoint)
+    mean, std = state.get("latent_mean"), state.get("latent_std")
+    if mean is None or std is None or torch.isnan(mean).any():
+        return None
+    return LatentStats(mean.tolist(), std.tolist(), elements_per_channel=0)
 
 
 @dataclass
@@ -96,8 +118,9 @@ class DiTModule(TrainingStage):
         text_drop_prob: probability that a sample's prompt is replaced by the empty prompt (CFG).
         image_drop_prob: probability that a sample's image tokens are zeroed (CFG).
         latent_stats: ``stats.json`` or latent cache directory with the per-channel mean / std to normalise
-            latents with; None takes the DataModule's. Stored in checkpoints (``latent_mean``/``latent_std``)
-            for inference. Keep one normalisation along a chain of stages.
+            latents with. None keeps the normalisation of the ``init_from`` checkpoint (so a chain of stages
+            shares the first stage's), or else takes the DataModule's (its cache's). Stored in checkpoints
+            (``latent_mean``, ``latent_std``) for inference.
         init_from: checkpoint of the previous stage (EMA weights preferred when present).
         val_sigmas: noise levels at which validation measures the loss.
         val_seed: seed of the validation noise (the generator of batch i is seeded with ``val_seed + i``).
@@ -134,29 +157,41 @@ class DiTModule(TrainingStage):
         self.val_seed = val_seed
 
         self.dit = DiT(dit)
-        if init_from is not None:
-            load_module_weights(self.dit, init_from, prefix="dit")
-        self.dit_ema = make_ema_twin(self.dit) if ema_decay > 0 else None
         channels = dit.latent_channels
         self.register_buffer("latent_mean", torch.full((channels,), math.nan))
         self.register_buffer("latent_std", torch.full((channels,), math.nan))
         self.register_buffer("empty_text_tokens", None, persistent=False)
         self.register_buffer("empty_text_mask", None, persistent=False)
+        if init_from is not None:
+            load_module_weights(self.dit, init_from, prefix="dit")
+            inherited = latent_stats_of_checkpoint(init_from)
+            if inherited is not None:
+                self.set_latent_stats(inherited)
+        self.dit_ema = make_ema_twin(self.dit) if ema_decay > 0 else None
         self.val_router_heatmap: torch.Tensor | None = None
 
     # ---- inputs ------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
         datamodule = self._trainer.datamodule if self._trainer is not None else None
+        offered = getattr(datamodule, "latent_stats", None)
         if self.latent_stats_path is not None:
             self.set_latent_stats(LatentStats.read(self.latent_stats_path))
-        elif getattr(datamodule, "latent_stats", None) is not None:
-            self.set_latent_stats(datamodule.latent_stats)
         elif torch.isnan(self.latent_mean).any():
-            raise ValueError(
-                "no latent statistics: set model.init_args.latent_stats to a stats.json written by "
-                "`fsvideo data encode`, or use datamodules.latents.LatentDataModule, which reads its cache's."
-            )
+            if offered is None:
+                raise ValueError(
+                    "no latent statistics: set model.init_args.latent_stats to a stats.json written by "
+                    "`fsvideo data encode`, or use datamodules.latents.LatentDataModule, which reads its cache's."
+                )
+            self.set_latent_stats(offered)
+        elif offered is not None:
+            deviation = (torch.tensor(offered.mean) - self.latent_mean.cpu()).abs() / self.latent_std.cpu()
+            if deviation.max() > 0.1:
+                rank_zero_warn(
+                    f"the data's latent statistics differ from the normalisation this DiT was trained with "
+                    f"(means apart by up to {deviation.max():.2f} std); the DiT keeps its own (from init_from). "
+                    "Set model.init_args.latent_stats to choose explicitly."
+                )
         empty_text = getattr(datamodule, "empty_text", None)
         if empty_text is not None:
             self.set_empty_text(*empty_text)
