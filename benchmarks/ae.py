@@ -3,8 +3,10 @@
 Every model has random weights at its real configuration: FSAE ``tiny`` and ``paper`` presets
 (64×64×4, 128 channels for paper) and diffusers' ``AutoencoderKLWan()`` defaults (8×8×4, 16 channels).
 Each (model, direction) runs in its own spawned process, so peak memory is that measurement's own:
-``torch.cuda.max_memory_allocated`` on GPU, the rise of the process's peak RSS above its resident
-size before the call on CPU (model weights excluded in both). Ratios are against Wan in the same run.
+``torch.cuda.max_memory_allocated`` on GPU; on CPU the rise of the process's peak RSS above its
+resident size before the call, with glibc's mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``) so
+that freed tensors leave the resident set, after a one-frame 64×64 call has loaded the kernels.
+Model weights are excluded in both. Ratios are against Wan in the same run.
 Token counts are those a DiT sees: Wan latent with a 1×2×2 patch, FSAE latent with 1×1×1.
 
     python benchmarks/ae.py --help
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import time
 
@@ -85,19 +88,28 @@ def measure(name: str, direction: str, args: argparse.Namespace, results: mp.Que
     dtype = getattr(torch, args.dtype)
     model, spatial, temporal, channels = build(name, args.device, dtype)
     latent_shape = (channels, 1 + (args.frames - 1) // temporal, args.size // spatial, args.size // spatial)
+    tiling = None
+    if name != "wan" and args.fsae_chunk:
+        from fsvideo.ae import TilingConfig
+
+        tiling = TilingConfig(chunk_latent_frames=args.fsae_chunk)
+
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        return model.encode(video).latent_dist.mode() if name == "wan" else model.encode(video, tiling=tiling)
+
+    def decode(latent: torch.Tensor) -> torch.Tensor:
+        return model.decode(latent).sample if name == "wan" else model.decode(latent, tiling=tiling)
+
     if direction == "encode":
-        x = (
-            torch.rand(args.batch, 3, args.frames, args.size, args.size, device=args.device, dtype=dtype) * 2
-            - 1
-        )
-        call = (lambda: model.encode(x).latent_dist.mode()) if name == "wan" else (lambda: model.encode(x))
+        call, shape = encode, (args.batch, 3, args.frames, args.size, args.size)
     else:
-        x = torch.randn(args.batch, *latent_shape, device=args.device, dtype=dtype)
-        call = (lambda: model.decode(x).sample) if name == "wan" else (lambda: model.decode(x))
+        call, shape = decode, (args.batch, *latent_shape)
+    x = torch.rand(shape, device=args.device, dtype=dtype) * 2 - 1
     cuda = args.device.startswith("cuda")
     with torch.no_grad():
+        decode(encode(torch.zeros(1, 3, 1, 64, 64, device=args.device, dtype=dtype)))  # load the kernels
         for _ in range(args.warmup):
-            call()
+            call(x)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -105,7 +117,7 @@ def measure(name: str, direction: str, args: argparse.Namespace, results: mp.Que
         best = float("inf")
         for _ in range(args.repeats):
             start = time.perf_counter()
-            out = call()
+            out = call(x)
             if cuda:
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
@@ -124,6 +136,10 @@ def tokens(name: str, latent_shape: tuple[int, ...]) -> int:
 
 def main() -> None:
     args = parse_args()
+    if args.device == "cpu":
+        # Big allocations then come from mmap and go back to the OS when freed: the peak RSS tracks
+        # live tensors instead of what malloc's arenas kept.
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
     context = mp.get_context("spawn")
     rows: dict[str, dict] = {}
     for name in args.models:

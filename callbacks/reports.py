@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     id_parser.add_argument(
         "--max-points", type=int, default=2000, help="points drawn per kind (video, image)"
     )
+    id_parser.add_argument(
+        "--scales", type=int, nargs="+", default=list(PAPER_SCALES), help="neighbour ranks (powers of two)"
+    )
     id_parser.add_argument("--seed", type=int, default=0)
     id_parser.add_argument("--device", default="cpu")
     id_parser.add_argument("--out", type=Path, default=None, help="folder for id_report.json / id_report.md")
@@ -82,7 +85,7 @@ def report_main(argv: list[str]) -> None:
         point_mode=args.point_mode,
         max_points=args.max_points,
         max_batches=args.max_batches,
-        scales=PAPER_SCALES,
+        scales=tuple(args.scales),
         seed=args.seed,
         device=args.device,
     )

@@ -7,6 +7,7 @@ stage 3: + patch decoding of the last decoder blocks at high resolution, LPIPS s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +19,20 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from fsvideo.ae import FSAE, FSAEConfig
 from fsvideo.checkpoints import load_module_weights
+from fsvideo.convert.dcae import import_dcae
 from fsvideo.discriminator import DiscriminatorConfig, MultiscaleDiscriminator3D
+from fsvideo.encoders import FrameFeatureEncoder
 from fsvideo.fvd import FeatureStatistics, frechet_distance, load_video_feature_extractor
-from fsvideo.losses import PerceptualLoss, discriminator_loss, generator_loss, r1_penalty
+from fsvideo.losses import (
+    PerceptualLoss,
+    VideoVFConfig,
+    VideoVFLoss,
+    discriminator_loss,
+    downscale_regularization,
+    generator_loss,
+    r1_penalty,
+    upscale_regularization,
+)
 from lightning_modules.base import OptimizerConfig, TrainingStage
 from lightning_modules.ema import make_ema_twin
 
@@ -67,6 +79,37 @@ class PatchDecodeConfig:
     """(t, y, x) size of the crop of the feature map entering the last 3 decoder stages."""
 
 
+REGULARIZATIONS = ("video_vf", "downscale", "upscale")
+
+
+@dataclass
+class LatentRegularizationConfig:
+    """Latent-space regularization (§2.2.2, Table 1): one config field selects the row to re-run."""
+
+    method: str = "video_vf"
+    """video_vf (eq. 2–4, DINOv2 targets), downscale ([65]) or upscale (the upscale variant of Table 1)."""
+    dino_path: str | None = None
+    """Local DINOv2 folder (transformers ``Dinov2Model``); required for video_vf."""
+    frames_per_batch: int = 16
+    """Frames per DINOv2 call."""
+    vf: VideoVFConfig = field(default_factory=VideoVFConfig)
+    """Margins, α and the pairwise-term chunking of the Video VF loss; its channel counts are set from
+    the autoencoder and the DINOv2 model."""
+    scale_weight: float = 0.5
+    """Weight of the scale-equivariance baselines."""
+    scale_factor: float | None = None
+    """Latent resize factor of the baselines; None = 0.5 (downscale) or 2.0 (upscale)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in REGULARIZATIONS:
+            raise ValueError(f"regularization.method must be one of {REGULARIZATIONS}, got {self.method!r}.")
+        if self.method == "video_vf" and self.dino_path is None:
+            raise ValueError(
+                "regularization.method video_vf needs regularization.dino_path: a local DINOv2 folder "
+                "(`fsvideo data tiny-encoders --out DIR` writes a tiny random one for CPU runs)."
+            )
+
+
 class AutoencoderModule(TrainingStage):
     """Trains an FSAE.
 
@@ -76,6 +119,7 @@ class AutoencoderModule(TrainingStage):
         perceptual: LPIPS settings.
         gan: adversarial settings; None for stage 1.
         patch_decode: stage-3 patch decoding; None to always decode whole frames.
+        regularization: latent regularization (Video VF loss or a Table-1 baseline); None for none.
         init_from: checkpoint of an earlier stage (Lightning ``.ckpt``; EMA weights preferred when present).
         dcae_weights: local diffusers ``AutoencoderDC`` folder to start from (the paper's initialisation).
         ema_decay: decay of the EMA weights used for validation and export; 0 disables EMA.
@@ -92,6 +136,7 @@ class AutoencoderModule(TrainingStage):
         perceptual: PerceptualConfig | None = None,
         gan: GANConfig | None = None,
         patch_decode: PatchDecodeConfig | None = None,
+        regularization: LatentRegularizationConfig | None = None,
         init_from: str | None = None,
         dcae_weights: str | None = None,
         ema_decay: float = 0.999,
@@ -106,12 +151,11 @@ class AutoencoderModule(TrainingStage):
         self.patch_decode = patch_decode
         self.num_val_videos = num_val_videos
 
-        self.autoencoder = FSAE(autoencoder)
-        self.autoencoder.init_weights()
         if dcae_weights is not None:
-            from fsvideo.convert.dcae import load_dcae_into_fsae
-
-            load_dcae_into_fsae(self.autoencoder, dcae_weights)
+            self.autoencoder, _ = import_dcae(dcae_weights, config=autoencoder)
+        else:
+            self.autoencoder = FSAE(autoencoder)
+            self.autoencoder.init_weights()
         if init_from is not None:
             load_module_weights(self.autoencoder, init_from, prefix="autoencoder")
         self.autoencoder_ema = make_ema_twin(self.autoencoder) if ema_decay > 0 else None
@@ -120,6 +164,20 @@ class AutoencoderModule(TrainingStage):
             backbone_path=self.perceptual_config.backbone_path,
             frames_per_slice=self.perceptual_config.frames_per_slice,
         )
+        self.regularization = regularization
+        self.vf_loss = None
+        # The frozen DINOv2 is kept out of the module tree so that it never lands in checkpoints.
+        self.frozen = {}
+        if regularization is not None and regularization.method == "video_vf":
+            dino = FrameFeatureEncoder.from_pretrained(
+                regularization.dino_path, regularization.frames_per_batch
+            )
+            self.frozen["dino"] = dino
+            self.vf_loss = VideoVFLoss(
+                dataclasses.replace(
+                    regularization.vf, latent_channels=autoencoder.latent_channels, feature_channels=dino.dim
+                )
+            )
         self.discriminator = MultiscaleDiscriminator3D(gan.discriminator) if gan is not None else None
         if self.discriminator is not None:
             self.discriminator.init_weights()
@@ -139,7 +197,7 @@ class AutoencoderModule(TrainingStage):
     # ---- optimisation ---------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        optimizer, scheduler = self.optimizer_config.build(self.autoencoder.parameters())
+        optimizer, scheduler = self.optimizer_config.build(self.generator_parameters())
         optimizers, schedulers = [optimizer], [scheduler]
         if self.discriminator is not None:
             d_optimizer, d_scheduler = self.gan_config.optimizer.build(self.discriminator.parameters())
@@ -147,27 +205,43 @@ class AutoencoderModule(TrainingStage):
             schedulers.append(d_scheduler)
         return optimizers, schedulers
 
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """What the generator optimizer trains: the autoencoder and the VF projection W (§2.2.2)."""
+        extra = list(self.vf_loss.parameters()) if self.vf_loss is not None else []
+        return [*self.autoencoder.parameters(), *extra]
+
     def gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.gan_config.start_step
 
-    def reconstruct_for_loss(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction and the target it is compared with.
+    def reconstruct_for_loss(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction, the target it is compared with, and the latent.
 
         In stage 3, at high resolution, only a random patch goes through the last 3 decoder stages and
         the loss sees only the part of it whose boundary conditions are valid (§2.2.1, footnote 3).
         """
+        latent = self.autoencoder.encode(video)
         height, width = video.shape[-2:]
         if self.patch_decode is None or height * width < self.patch_decode.min_pixels:
-            return self.autoencoder(video), video
-        out = self.autoencoder.decode_patch(
-            self.autoencoder.encode(video), self.patch_decode.latent_patch_size
-        )
+            return self.autoencoder.decode(latent), video, latent
+        out = self.autoencoder.decode_patch(latent, self.patch_decode.latent_patch_size)
         if out.valid.is_empty:
             raise ValueError(
                 f"patch_decode.latent_patch_size {self.patch_decode.latent_patch_size} leaves no valid pixels: "
                 "the last decoder stages' receptive field is wider than the patch; enlarge the patch."
             )
-        return out.valid_video(), video[out.valid.index()]
+        return out.valid_video(), video[out.valid.index()], latent
+
+    def regularization_loss(self, latent: torch.Tensor, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted latent-regularization term (key ``reg``) and its parts, for logging."""
+        config = self.regularization
+        if config.method == "video_vf":
+            features = self.frozen["dino"].to(video.device)(video)
+            out = self.vf_loss(latent, features)
+            return {"reg": out.loss, "vf_mcos": out.mcos, "vf_mdms": out.mdms}
+        regularize = downscale_regularization if config.method == "downscale" else upscale_regularization
+        factor = config.scale_factor or (0.5 if config.method == "downscale" else 2.0)
+        scale = regularize(self.autoencoder.decode, latent, video, factor=factor)
+        return {"reg": config.scale_weight * scale, config.method: scale}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         video = batch["video"]
@@ -178,10 +252,14 @@ class AutoencoderModule(TrainingStage):
         gan_on = self.gan_active()
 
         # 1. generator (autoencoder) step
-        recon, target = self.reconstruct_for_loss(video)
+        recon, target, latent = self.reconstruct_for_loss(video)
         l1 = F.l1_loss(recon, target)
         lpips_value = self.perceptual(recon, target)
         loss = l1 + self.perceptual_config.weight * lpips_value
+        if self.regularization is not None:
+            parts = self.regularization_loss(latent, video)
+            loss = loss + parts["reg"]
+            self.log_dict({f"train/{name}": value for name, value in parts.items()})
         if gan_on:
             self.discriminator.requires_grad_(False)
             adversarial = generator_loss(self.discriminator(recon))
@@ -191,7 +269,7 @@ class AutoencoderModule(TrainingStage):
         stepped = self.guarded_step(
             loss,
             optimizers[0],
-            list(self.autoencoder.parameters()),
+            self.generator_parameters(),
             self.optimizer_config.grad_clip_norm,
             schedulers[0],
         )

@@ -164,7 +164,9 @@ def import_dcae(
 
     for key in sorted(state):
         if key.startswith(_LATENT_CONVS) and source_stages != config.num_stages:
-            reason = f"latent conv of a {source_stages}-stage DC-AE; FSAE's ({config.num_stages} stages) is new"
+            reason = (
+                f"latent conv of a {source_stages}-stage DC-AE; FSAE's ({config.num_stages} stages) is new"
+            )
             report.skipped.append((key, reason))
             continue
         if ".attn.to_k." in key or ".attn.to_v." in key:

@@ -14,7 +14,6 @@ import yaml
 from datamodules.buckets import BucketConfig
 from datamodules.latent_cache import encode_shards
 from fsvideo.ae import FSAE, FSAEConfig
-from fsvideo.encoders import save_tiny_encoders
 
 TEST_FSAE = FSAEConfig.tiny(latent_channels=8, widths=(4, 8, 16, 16, 32, 32, 32))
 """Narrower than the tiny preset so that encoding the sample clips takes seconds; 8 latent channels as
@@ -37,12 +36,12 @@ def write_fsae_run(run_dir: Path, config: FSAEConfig, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_latents(sample_shards, tmp_path_factory) -> SimpleNamespace:
+def tiny_latents(sample_shards, tiny_encoders, tmp_path_factory) -> SimpleNamespace:
     """``.train`` / ``.val``: latent caches (one training shard, the validation shard) of the sample data at
     bucket size 64 (one 64×64 bucket: latents 1×1 per frame) and 5 frames; ``.fsae_run`` and ``.encoders`` (``save_tiny_encoders`` paths) made them."""
     root = tmp_path_factory.mktemp("dit_latents")
     fsae_run = write_fsae_run(root / "fsae", TEST_FSAE)
-    encoders = save_tiny_encoders(root / "encoders")
+    encoders = tiny_encoders
     train_shard = str(sample_shards.root / "train-000000.tar")
     conditions = {"text_encoder": encoders["text"], "image_encoder": encoders["image"]}
     train = encode_shards(fsae_run, train_shard, root / "train", **conditions, **CACHE_ARGS)

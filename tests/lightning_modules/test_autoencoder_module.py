@@ -76,11 +76,11 @@ def test_ema_follows_the_weights(tmp_path):
 def test_patch_decoding_used_only_at_high_resolution():
     module = tiny_module(patch_decode=PatchDecodeConfig(min_pixels=128 * 128, latent_patch_size=(2, 12, 12)))
     small = torch.rand(1, 3, 5, 64, 64) * 2 - 1
-    recon, target = module.reconstruct_for_loss(small)
+    recon, target, _ = module.reconstruct_for_loss(small)
     assert recon.shape == target.shape == small.shape
 
     large = torch.rand(1, 3, 5, 128, 128) * 2 - 1
-    recon, target = module.reconstruct_for_loss(large)
+    recon, target, _ = module.reconstruct_for_loss(large)
     assert recon.shape == target.shape
     assert recon.shape[-1] < 128 and recon.shape[-2] < 128, "only a patch should be decoded"
     recon.float().mean().backward()
@@ -107,3 +107,33 @@ def test_init_from_loads_ema_weights(tmp_path):
 def test_init_from_a_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         tiny_module(init_from=str(tmp_path / "missing.ckpt"))
+
+
+def test_dcae_weights_start_the_autoencoder(tmp_path):
+    from diffusers import AutoencoderDC
+
+    from fsvideo.convert.dcae import import_dcae
+
+    torch.manual_seed(0)
+    widths = (8, 16, 32, 32, 64, 64)
+    blocks = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    widths = FSAEConfig.tiny().widths[:6]
+    dcae = AutoencoderDC(
+        latent_channels=8,
+        attention_head_dim=8,
+        encoder_block_types=blocks,
+        decoder_block_types=blocks,
+        encoder_block_out_channels=widths,
+        decoder_block_out_channels=widths,
+        encoder_layers_per_block=(1,) * 6,
+        decoder_layers_per_block=(1,) * 6,
+        encoder_qkv_multiscales=((),) * 3 + ((5,),) * 3,
+        decoder_qkv_multiscales=((),) * 3 + ((5,),) * 3,
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+    )
+    dcae.save_pretrained(tmp_path / "dcae")
+    module = tiny_module(dcae_weights=str(tmp_path / "dcae"))
+    expected, _ = import_dcae(tmp_path / "dcae", config=FSAEConfig.tiny(), verbose=False)
+    first_conv = next(k for k in expected.state_dict() if k.startswith("encoder.") and k.endswith("weight"))
+    assert torch.equal(module.autoencoder.state_dict()[first_conv], expected.state_dict()[first_conv])
