@@ -5,6 +5,7 @@
     fsvideo validate|test|predict --config …
     fsvideo data sample --out data/sample                       # write the bundled sample shards
     fsvideo data inspect 'data/sample/train-{000000..000003}.tar'
+    fsvideo generate --config configs/pipeline/tiny.yaml --image first.png --prompt "…" --out out.mp4
     fsvideo report id --run "no reg=runs/a" --run "video VF=runs/b" --shards 'data/sample/val-000000.tar'
 
 Every run lives in ``trainer.default_root_dir`` (``runs/<name>`` in the bundled configs): the fully
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         from datamodules.commands import data_main
 
         return data_main(args[1:])
+    if args[:1] == ["generate"]:
+        from fsvideo.generate import generate_main
+
+        return generate_main(args[1:])
     if args[:1] == ["report"]:
         from callbacks.reports import report_main
 
