@@ -1,37 +1,78 @@
 #!/usr/bin/env bash
-# The main job on the bundled sample data (run it with `make demo`, which also sets up .venv and the data):
-# evaluate a randomly initialised tiny FSAE on held-out clips, train FSAE stage 1 on the sample shards,
-# evaluate the trained weights, and print PSNR before and after with the paths of everything written.
+# The whole recipe, tiny, on a CPU (run it with `make demo`, which also sets up .venv and the sample data):
+# FSAE stage 1 -> latent cache -> base DiT pretraining -> generate a video from a held-out image.
+# Each step is a real `fsvideo` command with its own config; checkpoints are chained by config.
 set -euo pipefail
 DATA=${1:-data/sample}
 FSVIDEO=${FSVIDEO:-.venv/bin/fsvideo}
 PY=${PY:-.venv/bin/python}
-STEPS=${DEMO_STEPS:-300}
-DATA_ARGS=(--data.init_args.train_shards "$DATA/train-{000000..000003}.tar" --data.init_args.val_shards "$DATA/val-000000.tar")
+AE_STEPS=${DEMO_AE_STEPS:-300}
+DIT_STEPS=${DEMO_DIT_STEPS:-200}
+ENCODERS=data/tiny-encoders
+LATENTS=data/latents/tiny
 EVAL=runs/tiny-fsae-eval
+SHARDS=(--data.init_args.train_shards "$DATA/train-{000000..000003}.tar" --data.init_args.val_shards "$DATA/val-000000.tar")
+CACHE_ARGS=(--text-encoder "$ENCODERS/text" --image-encoder "$ENCODERS/image" --size 128 --num-frames 17 --text-len 32)
 
-echo "== 1/3 held-out reconstruction with random weights"
-"$FSVIDEO" validate --config configs/tiny/fsae-eval.yaml "${DATA_ARGS[@]}" --trainer.default_root_dir "$EVAL/random-init"
+echo "== 1/7 tiny random text/image encoders (stand-ins for UMT5 and CLIP; nothing is downloaded)"
+[ -d "$ENCODERS/text" ] || "$FSVIDEO" data tiny-encoders --out "$ENCODERS"
 
-echo "== 2/3 FSAE stage 1 (tiny) on the sample shards, $STEPS steps"
-"$FSVIDEO" fit --config configs/tiny/fsae-stage1.yaml "${DATA_ARGS[@]}" --trainer.max_steps "$STEPS"
+echo "== 2/7 FSAE: held-out reconstruction with random weights"
+"$FSVIDEO" validate --config configs/tiny/fsae-eval.yaml "${SHARDS[@]}" --trainer.default_root_dir "$EVAL/random-init"
 
-echo "== 3/3 held-out reconstruction with the trained (EMA) weights"
-"$FSVIDEO" validate --config configs/tiny/fsae-eval.yaml "${DATA_ARGS[@]}" --trainer.default_root_dir "$EVAL/trained" \
+echo "== 3/7 FSAE stage 1 (L1 + 0.1 LPIPS) on the sample shards, $AE_STEPS steps"
+"$FSVIDEO" fit --config configs/tiny/fsae-stage1.yaml "${SHARDS[@]}" --trainer.max_steps "$AE_STEPS"
+
+echo "== 4/7 FSAE: held-out reconstruction with the trained (EMA) weights"
+"$FSVIDEO" validate --config configs/tiny/fsae-eval.yaml "${SHARDS[@]}" --trainer.default_root_dir "$EVAL/trained" \
   --model.init_args.init_from runs/tiny-fsae-stage1/checkpoints/last.ckpt
+
+echo "== 5/7 latent cache of the sample shards with the trained FSAE"
+rm -rf "$LATENTS"
+"$FSVIDEO" data encode --config runs/tiny-fsae-stage1 --shards "$DATA/train-{000000..000003}.tar" --out "$LATENTS/train" "${CACHE_ARGS[@]}"
+"$FSVIDEO" data encode --config runs/tiny-fsae-stage1 --shards "$DATA/val-000000.tar" --out "$LATENTS/val" --validation "${CACHE_ARGS[@]}"
+
+echo "== 6/7 base DiT video pretraining (flow matching, Layer Memory) on the cache, $DIT_STEPS steps"
+"$FSVIDEO" fit --config configs/tiny/dit-pretrain-video.yaml --model.init_args.init_from null \
+  --trainer.max_steps "$DIT_STEPS" --data.init_args.train_cache "$LATENTS/train" --data.init_args.val_cache "$LATENTS/val"
+
+echo "== 7/7 image-to-video from a held-out first frame"
+"$PY" - "$DATA/val-000000.tar" runs/demo/first-frame.png <<'PY'
+import io, sys, tarfile
+from pathlib import Path
+
+import av
+
+shard, out = sys.argv[1:]
+with tarfile.open(shard) as tar:
+    member = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
+    with av.open(io.BytesIO(tar.extractfile(member).read())) as container:
+        frame = next(container.decode(video=0))
+Path(out).parent.mkdir(parents=True, exist_ok=True)
+frame.to_image().save(out)
+print(f"first frame of {member.name} -> {out}")
+PY
+"$FSVIDEO" generate --config configs/pipeline/tiny-demo.yaml --image runs/demo/first-frame.png \
+  --prompt "the camera pans slowly to the left" --out runs/demo/generated.mp4
 
 "$PY" - "$EVAL" <<'PY'
 import json, sys
 from pathlib import Path
 
+from callbacks.loss_history import read_loss_history
+
 root = Path(sys.argv[1])
 before, after = (json.loads((root / name / "metrics_table.jsonl").read_text().splitlines()[-1]) for name in ("random-init", "trained"))
-print(f"\nheld-out PSNR: {before['val/psnr']:.2f} dB (random init) -> {after['val/psnr']:.2f} dB (trained)")
-print(f"held-out SSIM: {before['val/ssim']:.3f} -> {after['val/ssim']:.3f}   LPIPS: {before['val/lpips']:.3f} -> {after['val/lpips']:.3f}")
-videos = sorted((root / "trained" / "videos").rglob("*.mp4"))
-print("side-by-side reconstructions (left: input, right: FSAE):", *videos, sep="\n  ")
-print("checkpoints and resolved config: runs/tiny-fsae-stage1/{checkpoints,config.yaml}")
-print("wandb run (offline; `wandb sync` uploads it):", *sorted(Path("runs/tiny-fsae-stage1/wandb").glob("offline-run-*"))[-1:])
-if after["val/psnr"] <= before["val/psnr"]:
-    sys.exit("PSNR did not rise: training did not work")
+steps, losses = read_loss_history("runs/tiny-dit-pretrain-video")
+head, tail = losses[: max(1, len(losses) // 5)].mean(), losses[-max(1, len(losses) // 5) :].mean()
+print("\n== what the demo shows")
+print(f"FSAE held-out PSNR: {before['val/psnr']:.2f} dB (random init) -> {after['val/psnr']:.2f} dB (trained)")
+print(f"DiT training loss: {head:.4f} (first fifth of {len(losses)} steps) -> {tail:.4f} (last fifth)")
+print("generated video:             runs/demo/generated.mp4 (+ runs/demo/generated.json, the settings)")
+print("reconstructions (input|FSAE):", *sorted((root / "trained" / "videos").rglob("*.mp4")), sep="\n  ")
+print("checkpoints + resolved configs: runs/tiny-fsae-stage1/, runs/tiny-dit-pretrain-video/")
+for run in ("tiny-fsae-stage1", "tiny-dit-pretrain-video"):
+    print(f"wandb run (offline; `wandb sync` uploads it):", *sorted(Path(f"runs/{run}/wandb").glob("offline-run-*"))[-1:])
+if after["val/psnr"] <= before["val/psnr"] or tail >= head:
+    sys.exit("a stage did not learn: its metric did not improve")
 PY

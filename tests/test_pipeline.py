@@ -1,0 +1,289 @@
+"""The image-to-video pipeline on tiny random networks loaded from hand-written run directories."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fsvideo.ae import FSAE, NUM_FIRST_FRAME_FEATURES, FSAEConfig
+from fsvideo.dit import DiT, DiTConfig
+from fsvideo.encoders import save_tiny_encoders
+from fsvideo.pipeline import (
+    FSVideoPipeline,
+    GenerationSettings,
+    PipelineConfig,
+    fit_image,
+    load_image,
+    read_latent_stats,
+)
+
+FRAMES, HEIGHT, WIDTH = 5, 128, 64
+
+
+def _plain(config) -> dict:
+    """A config dataclass as YAML-safe plain values (tuples become lists, as jsonargparse writes them)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _write_run(run: Path, module: str, section: str, config, state_dict: dict[str, torch.Tensor]) -> Path:
+    """A run directory as ``fsvideo fit`` leaves it: ``config.yaml`` and ``checkpoints/last.ckpt``."""
+    (run / "checkpoints").mkdir(parents=True)
+    run_config = {"model": {"class_path": module, "init_args": {section: _plain(config)}}}
+    (run / "config.yaml").write_text(yaml.safe_dump(run_config))
+    torch.save({"state_dict": state_dict, "global_step": 10}, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def _prefixed(prefix: str, network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.clone() for k, v in network.state_dict().items()}
+
+
+def write_tiny_runs(directory: Path, latent_stats: bool = True) -> Path:
+    """Tiny FSAE and DiT runs, tiny encoders and a pipeline config for them; returns the config path."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    fsae_config = FSAEConfig.tiny()
+    autoencoder = FSAE(fsae_config)
+    autoencoder.init_weights()
+    fsae_run = _write_run(
+        directory / "fsae",
+        "lightning_modules.autoencoder.AutoencoderModule",
+        "autoencoder",
+        fsae_config,
+        {**_prefixed("autoencoder", autoencoder), **_prefixed("autoencoder_ema", autoencoder)},
+    )
+    dit_config = DiTConfig.tiny(latent_channels=fsae_config.latent_channels)
+    dit = DiT(dit_config)
+    with torch.no_grad():  # move every weight off its init (the head starts at zero)
+        for param in dit.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    channels = fsae_config.latent_channels
+    state = {**_prefixed("dit", dit), **_prefixed("dit_ema", dit)}
+    if latent_stats:
+        state["latent_mean"] = 0.1 * torch.randn(channels, generator=generator)
+        state["latent_std"] = 0.5 + torch.rand(channels, generator=generator)
+    dit_run = _write_run(directory / "dit", "lightning_modules.dit.DiTModule", "dit", dit_config, state)
+    encoders = save_tiny_encoders(directory / "encoders")
+    config = {
+        "autoencoder": str(fsae_run),
+        "dit": str(dit_run),
+        "text_encoder": str(encoders["text"]),
+        "image_encoder": str(encoders["image"]),
+        "text_len": 16,
+        "device": "cpu",
+        "generation": {
+            "num_frames": FRAMES,
+            "height": HEIGHT,
+            "width": WIDTH,
+            "steps": 3,
+            "guidance_scale": 3.0,
+            "shift": 2.0,
+            "sampler": "euler",
+            "seed": 0,
+        },
+    }
+    path = directory / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def write_test_image(path: Path, height: int = 96, width: int = 160, mode: str = "RGB") -> Path:
+    """A smooth colour image (wider than the video, so "crop" has work to do)."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 9.0)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FSVideoPipeline, Path]:
+    """(pipeline config path, pipeline loaded from it, test image path)."""
+    directory = tmp_path_factory.mktemp("pipeline")
+    config = write_tiny_runs(directory)
+    return config, FSVideoPipeline.from_config(config), write_test_image(directory / "image.png")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """The video of the config's default settings (seed 0, euler, guidance 3) for "a cat"."""
+    _, pipe, image = tiny
+    return pipe.generate(image, "a cat")
+
+
+def test_output_shape_range_and_first_frame(tiny, reference):
+    _, pipe, image = tiny
+    result = reference
+    assert result.video.shape == (3, FRAMES, HEIGHT, WIDTH)
+    assert result.video.dtype == torch.float32 and torch.isfinite(result.video).all()
+    assert result.video.min() >= -1 and result.video.max() <= 1 and result.video.std() > 0.01
+    frames = result.frames_uint8()
+    assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and frames.dtype == np.uint8
+    assert len(result.first_frame_features) == NUM_FIRST_FRAME_FEATURES
+    assert all(f.shape[:3] == (1, f.shape[1], 1) for f in result.first_frame_features)
+    assert set(result.timings) == {"encode", "dit", "decode"} and min(result.timings.values()) > 0
+    assert result.shift == 2.0 and result.settings.seed == 0
+    # frame 0 of the latent is the input image's latent: the DiT's normalisation was undone exactly
+    pixels = fit_image(load_image(image), HEIGHT, WIDTH, "crop")
+    expected = pipe.autoencoder.encode(pixels[None, :, None])[0, :, :1]
+    assert result.latent.shape == (16, 1 + (FRAMES - 1) // 4, HEIGHT // 64, WIDTH // 64)
+    torch.testing.assert_close(result.latent[:, :1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dit_sees_latents_normalised_with_the_checkpoint_statistics(tiny):
+    config, pipe, image = tiny
+    mean, std = read_latent_stats(PipelineConfig.from_yaml(config).dit)
+    seen = []
+    hook = pipe.dit.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        result = pipe.generate(image, "a cat", steps=1, guidance_scale=1.0)
+    finally:
+        hook.remove()
+    assert len(seen) == 1  # one step, guidance 1: the unconditional branch is skipped
+    channels = result.latent.shape[0]
+    condition = seen[0][0, channels + 4 :]  # after the noisy latent and the 4 mask channels
+    normalised = (result.latent[:, :1] - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
+    torch.testing.assert_close(condition[:, :1], normalised, rtol=1e-4, atol=1e-4)
+    assert condition[:, 1:].abs().max() == 0
+    mask = seen[0][0, channels : channels + 4]
+    assert mask[:, 0].min() == 1 and mask[:, 1:].abs().max() == 0
+
+
+def test_same_seed_same_video_other_seed_other_video(tiny, reference):
+    _, pipe, image = tiny
+    assert torch.equal(pipe.generate(image, "a cat", seed=0).video, reference.video)
+    assert (pipe.generate(image, "a cat", seed=1).video - reference.video).abs().max() > 1e-3
+
+
+def test_unipc_samples_too(tiny, reference):
+    _, pipe, image = tiny
+    unipc = pipe.generate(image, "a cat", sampler="unipc").video
+    assert torch.isfinite(unipc).all() and unipc.shape == reference.video.shape
+    assert (unipc - reference.video).abs().max() > 1e-4
+
+
+def test_negative_prompt_matters_only_with_guidance(tiny, reference):
+    _, pipe, image = tiny
+    other = pipe.generate(image, "a cat", negative_prompt="the camera pans slowly").video
+    assert (other - reference.video).abs().max() > 1e-4  # guidance 3: the unconditional branch counts
+    unguided = [
+        pipe.generate(image, "a cat", guidance_scale=1.0, steps=1, negative_prompt=negative).video
+        for negative in ("", "the camera pans slowly")
+    ]
+    assert torch.equal(*unguided)
+
+
+def test_offload_and_bf16_paths(tiny, reference):
+    config, _, image = tiny
+    reference = reference.video
+    offloaded = FSVideoPipeline.from_config(
+        dataclasses.replace(PipelineConfig.from_yaml(config), offload=True)
+    )
+    assert offloaded.offload and offloaded.device == torch.device("cpu")
+    torch.testing.assert_close(offloaded.generate(image, "a cat").video, reference)
+    assert all(p.device.type == "cpu" for network in offloaded._networks() for p in network.parameters())
+    bf16 = FSVideoPipeline.from_config(
+        dataclasses.replace(PipelineConfig.from_yaml(config), precision="bf16")
+    )
+    assert next(bf16.dit.parameters()).dtype == torch.bfloat16
+    assert next(bf16.autoencoder.parameters()).dtype == torch.float32
+    video = bf16.generate(image, "a cat").video
+    assert torch.isfinite(video).all() and video.shape == reference.shape
+    assert (video - reference).abs().mean() < 0.1  # the same video up to bf16 rounding
+
+
+def test_temporally_split_decoding_matches(tiny, reference):
+    config, _, image = tiny
+    raw = yaml.safe_load(config.read_text())
+    raw["tiling"] = {"chunk_latent_frames": 1}
+    split = FSVideoPipeline.from_config(PipelineConfig(**raw))
+    assert split.tiling.chunk_latent_frames == 1
+    torch.testing.assert_close(split.generate(image, "a cat").video, reference.video, rtol=1e-4, atol=1e-4)
+
+
+def test_image_modes(tmp_path, tiny):
+    rgb = load_image(write_test_image(tmp_path / "rgb.png"))
+    assert rgb.shape == (3, 96, 160) and rgb.min() >= -1 and rgb.max() <= 1
+    gray = load_image(write_test_image(tmp_path / "gray.png", mode="L"))
+    assert gray.shape == (3, 96, 160) and torch.equal(gray[0], gray[2])
+    opaque = load_image(write_test_image(tmp_path / "rgba.png", mode="RGBA"))
+    torch.testing.assert_close(opaque, rgb)
+    with Image.open(tmp_path / "rgba.png") as image:
+        rgba = np.asarray(image).copy()
+    rgba[:10, :10, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "transparent.png")
+    with pytest.raises(ValueError, match="transparent"):
+        load_image(tmp_path / "transparent.png")
+    with pytest.raises(ValueError, match="C×H×W"):
+        load_image(torch.zeros(2, 8, 8))
+    assert load_image(torch.zeros(1, 8, 8)).shape == (3, 8, 8)
+
+
+def test_fit_image_modes():
+    image = torch.linspace(-1, 1, 200).repeat(3, 100, 1)  # 3×100×200, brightness grows with x
+    cropped = fit_image(image, 64, 64, "crop")
+    assert cropped.shape == (3, 64, 64)
+    assert cropped[:, :, 0].mean() > -0.6 and cropped[:, :, -1].mean() < 0.6  # the sides were cut away
+    stretched = fit_image(image, 64, 64, "resize")
+    assert stretched[:, :, 0].mean() < -0.9 and stretched[:, :, -1].mean() > 0.9  # the whole width kept
+    assert fit_image(image, 100, 200, "error") is image
+    with pytest.raises(ValueError, match="resize_mode 'crop'"):
+        fit_image(image, 64, 64, "error")
+
+
+def test_input_errors(tmp_path, tiny):
+    config, pipe, image = tiny
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        pipe.generate(tmp_path / "missing.png", "a cat")
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="could not be read as an image"):
+        pipe.generate(tmp_path / "broken.png", "a cat")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pipe.generate(image, "a cat", height=100)
+    with pytest.raises(ValueError, match=r"1 \+ 4·k"):
+        pipe.generate(image, "a cat", num_frames=8)
+    with pytest.raises(ValueError, match=r"1 \+ 4·k"):
+        pipe.generate(image, "a cat", num_frames=1)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        pipe.generate(image, "a cat", steps=0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.generate(image, "a cat", sampler="ddim")
+    with pytest.raises(ValueError, match="resize_mode"):
+        pipe.generate(image, "a cat", resize_mode="error")
+    with pytest.raises(ValueError, match="unknown generation setting"):
+        pipe.generate(image, "a cat", frames=9)
+    raw = yaml.safe_load(config.read_text())
+    with pytest.raises(ValueError, match="not available yet"):
+        PipelineConfig(**raw, upsampler="runs/upsampler")
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**raw, "generation": {"step": 3}}))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['step'\]"):
+        PipelineConfig.from_yaml(tmp_path / "typo.yaml")
+
+
+def test_dit_run_without_latent_statistics_is_refused(tmp_path):
+    config = write_tiny_runs(tmp_path, latent_stats=False)
+    with pytest.raises(ValueError, match="latent_mean / latent_std"):
+        FSVideoPipeline.from_config(config)
+
+
+PIPELINE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pipeline").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=[p.name for p in PIPELINE_CONFIGS])
+def test_bundled_pipeline_configs_parse(path):
+    config = PipelineConfig.from_yaml(path)
+    assert config.upsampler is None and config.refiner is None
+    assert (config.generation.num_frames - 1) % 4 == 0 and config.generation.height % 64 == 0
+
+
+def test_settings_defaults_come_from_the_config(tiny):
+    config, pipe, _ = tiny
+    assert pipe.defaults == PipelineConfig.from_yaml(config).generation
+    assert pipe.defaults.steps == 3 and GenerationSettings().steps == 30
+    assert pipe.resolve_shift(dataclasses.replace(pipe.defaults, shift=None)) > 1.0
