@@ -2,12 +2,15 @@
 # The whole recipe, tiny, on a CPU (run it with `make demo`, which also sets up .venv and the sample data):
 # FSAE stage 1 -> latent cache -> base DiT pretraining -> generate a video from a held-out image.
 # Each step is a real `fsvideo` command with its own config; checkpoints are chained by config.
+# Outputs go below the current folder (runs/, data/); DEMO_AE_STEPS / DEMO_DIT_STEPS set the training lengths.
 set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CONFIGS="$ROOT/configs"
 DATA=${1:-data/sample}
-FSVIDEO=${FSVIDEO:-.venv/bin/fsvideo}
-PY=${PY:-.venv/bin/python}
-AE_STEPS=${DEMO_AE_STEPS:-300}
-DIT_STEPS=${DEMO_DIT_STEPS:-200}
+FSVIDEO=${FSVIDEO:-$ROOT/.venv/bin/fsvideo}
+PY=${PY:-$ROOT/.venv/bin/python}
+AE_STEPS=${DEMO_AE_STEPS:-200}
+DIT_STEPS=${DEMO_DIT_STEPS:-150}
 ENCODERS=data/tiny-encoders
 LATENTS=data/latents/tiny
 EVAL=runs/tiny-fsae-eval
@@ -18,13 +21,13 @@ echo "== 1/7 tiny random text/image encoders (stand-ins for UMT5 and CLIP; nothi
 [ -d "$ENCODERS/text" ] || "$FSVIDEO" data tiny-encoders --out "$ENCODERS"
 
 echo "== 2/7 FSAE: held-out reconstruction with random weights"
-"$FSVIDEO" validate --config configs/tiny/fsae-eval.yaml "${SHARDS[@]}" --trainer.default_root_dir "$EVAL/random-init"
+"$FSVIDEO" validate --config "$CONFIGS"/tiny/fsae-eval.yaml "${SHARDS[@]}" --trainer.default_root_dir "$EVAL/random-init"
 
 echo "== 3/7 FSAE stage 1 (L1 + 0.1 LPIPS) on the sample shards, $AE_STEPS steps"
-"$FSVIDEO" fit --config configs/tiny/fsae-stage1.yaml "${SHARDS[@]}" --trainer.max_steps "$AE_STEPS"
+"$FSVIDEO" fit --config "$CONFIGS"/tiny/fsae-stage1.yaml "${SHARDS[@]}" --trainer.max_steps "$AE_STEPS"
 
 echo "== 4/7 FSAE: held-out reconstruction with the trained (EMA) weights"
-"$FSVIDEO" validate --config configs/tiny/fsae-eval.yaml "${SHARDS[@]}" --trainer.default_root_dir "$EVAL/trained" \
+"$FSVIDEO" validate --config "$CONFIGS"/tiny/fsae-eval.yaml "${SHARDS[@]}" --trainer.default_root_dir "$EVAL/trained" \
   --model.init_args.init_from runs/tiny-fsae-stage1/checkpoints/last.ckpt
 
 echo "== 5/7 latent cache of the sample shards with the trained FSAE"
@@ -33,7 +36,7 @@ rm -rf "$LATENTS"
 "$FSVIDEO" data encode --config runs/tiny-fsae-stage1 --shards "$DATA/val-000000.tar" --out "$LATENTS/val" --validation "${CACHE_ARGS[@]}"
 
 echo "== 6/7 base DiT video pretraining (flow matching, Layer Memory) on the cache, $DIT_STEPS steps"
-"$FSVIDEO" fit --config configs/tiny/dit-pretrain-video.yaml --model.init_args.init_from null \
+"$FSVIDEO" fit --config "$CONFIGS"/tiny/dit-pretrain-video.yaml --model.init_args.init_from null \
   --trainer.max_steps "$DIT_STEPS" --data.init_args.train_cache "$LATENTS/train" --data.init_args.val_cache "$LATENTS/val"
 
 echo "== 7/7 image-to-video from a held-out first frame"
@@ -52,7 +55,7 @@ Path(out).parent.mkdir(parents=True, exist_ok=True)
 frame.to_image().save(out)
 print(f"first frame of {member.name} -> {out}")
 PY
-"$FSVIDEO" generate --config configs/pipeline/tiny-demo.yaml --image runs/demo/first-frame.png \
+"$FSVIDEO" generate --config "$CONFIGS"/pipeline/tiny-demo.yaml --image runs/demo/first-frame.png \
   --prompt "the camera pans slowly to the left" --out runs/demo/generated.mp4
 
 "$PY" - "$EVAL" <<'PY'

@@ -635,9 +635,16 @@ class FSVideoPipeline:
             )
             latent = z0 * std + mean
 
-        # 4. FSAE decoder
+        # 4. FSAE decoder (FSAE-Standard / Lite also take the first frame's encoder features, §2.2.3,
+        # and inject seeded noise)
         with self._timed("decode", timings), self._on_device(self.autoencoder.decoder):
-            video = self.autoencoder.decode(latent, tiling=self.tiling).clamp(-1, 1)
+            injected = features if self.autoencoder.config.first_frame_injection else None
+            video = self.autoencoder.decode(
+                latent,
+                tiling=self.tiling,
+                first_frame_features=injected,
+                generator=torch.Generator(latent.device).manual_seed(settings.seed),
+            ).clamp(-1, 1)
 
         return GenerationResult(
             video=video[0].float().cpu(),

@@ -3,10 +3,12 @@
 stage 1: L1 + 0.1·LPIPS
 stage 2: + 0.1·GAN (3D multiscale discriminator, non-saturating loss, lazy R1), from ``gan.start_step``
 stage 3: + patch decoding of the last decoder blocks at high resolution, LPIPS sliced in time
+decoder finetune (§2.2.3, FSAE-Standard / FSAE-Lite): ``freeze_encoder`` and ``init_from_variant``
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from fsvideo.ae import FSAE, FSAEConfig
+from fsvideo.ae import FSAE, FSAEConfig, load_decoder_variant, read_autoencoder_state
 from fsvideo.checkpoints import load_module_weights
 from fsvideo.convert.dcae import import_dcae
 from fsvideo.discriminator import DiscriminatorConfig, MultiscaleDiscriminator3D
@@ -127,6 +129,10 @@ class AutoencoderModule(TrainingStage):
         num_val_videos: reconstructions kept from the first validation batch for the video callback.
         fvd_extractor: local TorchScript I3D (``i3d_torchscript.pt``) for ``val/fvd``; None skips FVD.
             Statistics are per process: run evaluation on one device for the Table-2 number.
+        freeze_encoder: train the decoder only (§2.2.3): the encoder gets no gradient, stays in eval mode
+            and is left out of the optimizer.
+        init_from_variant: ``init_from`` holds another decoder variant (stage 3 → Standard → Lite): copy
+            what fits and re-initialise (and print) the rest instead of requiring an exact match.
     """
 
     def __init__(
@@ -143,6 +149,8 @@ class AutoencoderModule(TrainingStage):
         max_nonfinite_in_row: int = 20,
         num_val_videos: int = 2,
         fvd_extractor: str | None = None,
+        freeze_encoder: bool = False,
+        init_from_variant: bool = False,
     ) -> None:
         super().__init__(ema_decay=ema_decay, max_nonfinite_in_row=max_nonfinite_in_row)
         self.optimizer_config = optimizer or OptimizerConfig()
@@ -150,14 +158,26 @@ class AutoencoderModule(TrainingStage):
         self.gan_config = gan
         self.patch_decode = patch_decode
         self.num_val_videos = num_val_videos
-
-        if dcae_weights is not None:
+        if patch_decode is not None and autoencoder.improved_decoder:
+            raise ValueError(
+                "patch_decode is the stage-3 training of the plain causal decoder; set patch_decode: null "
+                "for a §2.2.3 decoder (decoder_variant, first_frame_injection, noise_weight)"
+            )
+        if init_from_variant and init_from is None:
+            raise ValueError("init_from_variant needs init_from: the checkpoint of the variant to start from")
+        if init_from_variant:
+            self.autoencoder, report = load_decoder_variant(read_autoencoder_state(init_from), autoencoder)
+            print(report)
+        elif dcae_weights is not None:
             self.autoencoder, _ = import_dcae(dcae_weights, config=autoencoder)
         else:
             self.autoencoder = FSAE(autoencoder)
             self.autoencoder.init_weights()
-        if init_from is not None:
+        if init_from is not None and not init_from_variant:
             load_module_weights(self.autoencoder, init_from, prefix="autoencoder")
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.autoencoder.encoder.requires_grad_(False).eval()
         self.autoencoder_ema = make_ema_twin(self.autoencoder) if ema_decay > 0 else None
         self.perceptual = PerceptualLoss(
             net=self.perceptual_config.net,
@@ -208,7 +228,14 @@ class AutoencoderModule(TrainingStage):
     def generator_parameters(self) -> list[nn.Parameter]:
         """What the generator optimizer trains: the autoencoder and the VF projection W (§2.2.2)."""
         extra = list(self.vf_loss.parameters()) if self.vf_loss is not None else []
-        return [*self.autoencoder.parameters(), *extra]
+        trained = self.autoencoder.decoder if self.freeze_encoder else self.autoencoder
+        return [*trained.parameters(), *extra]
+
+    def train(self, mode: bool = True) -> AutoencoderModule:
+        super().train(mode)
+        if self.freeze_encoder:
+            self.autoencoder.encoder.eval()
+        return self
 
     def gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.gan_config.start_step
@@ -219,8 +246,15 @@ class AutoencoderModule(TrainingStage):
         In stage 3, at high resolution, only a random patch goes through the last 3 decoder stages and
         the loss sees only the part of it whose boundary conditions are valid (§2.2.1, footnote 3).
         """
-        latent = self.autoencoder.encode(video)
+        injection = self.autoencoder.config.first_frame_injection
+        with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
+            if injection:
+                latent, features = self.autoencoder.encode(video, return_first_frame_features=True)
+            else:
+                latent = self.autoencoder.encode(video)
         height, width = video.shape[-2:]
+        if injection:
+            return self.autoencoder.decode(latent, first_frame_features=features), video, latent
         if self.patch_decode is None or height * width < self.patch_decode.min_pixels:
             return self.autoencoder.decode(latent), video, latent
         out = self.autoencoder.decode_patch(latent, self.patch_decode.latent_patch_size)

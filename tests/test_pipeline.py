@@ -287,3 +287,28 @@ def test_settings_defaults_come_from_the_config(tiny):
     assert pipe.defaults == PipelineConfig.from_yaml(config).generation
     assert pipe.defaults.steps == 3 and GenerationSettings().steps == 30
     assert pipe.resolve_shift(dataclasses.replace(pipe.defaults, shift=None)) > 1.0
+
+
+def test_standard_decoder_gets_the_first_frame_features_and_seeded_noise(tiny):
+    _, pipe, image = tiny
+    standard_config = pipe.autoencoder.config.with_decoder_variant("standard")
+    standard = FSAE(standard_config)
+    standard.init_weights()
+    standard.encoder.load_state_dict(pipe.autoencoder.encoder.state_dict())
+    for name, param in standard.named_parameters():
+        if "to_out" in name:  # open the zero-initialised injection, so the features change the output
+            torch.nn.init.normal_(param, std=0.5)
+    swapped = FSVideoPipeline(
+        standard,
+        pipe.dit,
+        pipe.text_encoder,
+        pipe.image_encoder,
+        pipe.latent_mean,
+        pipe.latent_std,
+        device="cpu",
+        defaults=pipe.defaults,
+    )
+    first, again = swapped.generate(image, "a cat"), swapped.generate(image, "a cat")
+    assert torch.equal(first.video, again.video), "the decoder's noise must follow the seed"
+    other_seed = swapped.generate(image, "a cat", seed=1)
+    assert not torch.equal(first.video, other_seed.video)

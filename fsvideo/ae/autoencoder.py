@@ -11,18 +11,16 @@ import torch
 import torch.nn as nn
 
 from fsvideo.ae.config import FSAEConfig
-from fsvideo.ae.conv import CausalConv3d
+from fsvideo.ae.conv import CausalCache, CausalConv3d
 from fsvideo.ae.decoder import Decoder
 from fsvideo.ae.encoder import Encoder
+from fsvideo.ae.injection import FirstFrameCrossAttention, NoiseSource
 from fsvideo.ae.norm import PixelNorm
 from fsvideo.ae.patch import PatchDecodeOutput, decode_patch
 from fsvideo.ae.tiling import TilingConfig, decode_tiled, encode_tiled
 
 VALUE_TOLERANCE = 1e-2
 """How far outside [-1, 1] input pixels may stray (resampling overshoot) before encode refuses them."""
-
-NUM_FIRST_FRAME_FEATURES = 5
-"""Encoder stages whose first-frame features feed the decoder's cross-attention (spec §2.2.3)."""
 
 
 class FSAE(nn.Module):
@@ -38,7 +36,7 @@ class FSAE(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter: PyTorch's conv default, norms to identity."""
         for module in self.modules():
-            if isinstance(module, (CausalConv3d, PixelNorm)):
+            if isinstance(module, (CausalConv3d, PixelNorm, FirstFrameCrossAttention)):
                 module.reset_parameters()
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -49,8 +47,7 @@ class FSAE(nn.Module):
     @property
     def feature_stages(self) -> tuple[int, ...]:
         """Encoder stages returned by ``encode(..., return_first_frame_features=True)``, outer first."""
-        n = self.config.num_stages
-        return tuple(range(max(0, n - NUM_FIRST_FRAME_FEATURES), n))
+        return self.config.first_frame_stages
 
     def check_video(self, video: torch.Tensor) -> None:
         """Raise a ValueError naming the problem if ``video`` cannot be encoded."""
@@ -115,12 +112,53 @@ class FSAE(nn.Module):
             features = self.encoder(video[:, :, :1], feature_stages=stages)[1] if stages else []
         return (latent, features) if return_first_frame_features else latent
 
-    def decode(self, latent: torch.Tensor, tiling: TilingConfig | None = None) -> torch.Tensor:
-        """Decode latent ``B×C×t×h×w`` → video ``B×3×(1 + f_t·(t-1))×h·f_s×w·f_s``."""
+    def decode(
+        self,
+        latent: torch.Tensor,
+        tiling: TilingConfig | None = None,
+        first_frame_features: list[torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode latent ``B×C×t×h×w`` → video ``B×3×(1 + f_t·(t-1))×h·f_s×w·f_s``.
+
+        Args:
+            tiling: temporal splitting / 3D tiling to bound memory; None runs one pass. With first-frame
+                injection only temporal splitting (exact, lite decoder) is available.
+            first_frame_features: ``encode(..., return_first_frame_features=True)``'s features; required
+                exactly when ``config.first_frame_injection``.
+            generator: seeds the decoder's noise (``config.noise_weight > 0``) for reproducible output;
+                None draws it from the global RNG.
+        """
         self.check_latent(latent)
-        if tiling is None:
-            return self.decoder(latent)
-        return decode_tiled(self.decoder, latent, tiling)
+        config = self.config
+        if config.first_frame_injection != (first_frame_features is not None):
+            raise ValueError(
+                "this decoder injects first-frame features: pass decode(latent, first_frame_features=...) "
+                "from encode(video, return_first_frame_features=True)"
+                if config.first_frame_injection
+                else "first_frame_features given, but this decoder has no first-frame injection "
+                "(config.first_frame_injection is False)"
+            )
+        if config.first_frame_injection and len(first_frame_features) != len(self.feature_stages):
+            raise ValueError(
+                f"expected {len(self.feature_stages)} first-frame features (stages {self.feature_stages}), "
+                f"got {len(first_frame_features)}"
+            )
+        noise = NoiseSource(config.noise_weight, generator) if config.noise_weight > 0 else None
+        if first_frame_features is None and noise is None:
+            return self.decoder(latent) if tiling is None else decode_tiled(self.decoder, latent, tiling)
+        if tiling is not None and any(tiling.tile_latent_size):
+            raise ValueError(
+                "3D tiling is not available with first-frame injection or decoder noise (the features and the "
+                "noise cover whole frames); use TilingConfig(chunk_latent_frames=...) with decoder_variant=lite"
+            )
+        chunk = (tiling.chunk_latent_frames if tiling is not None else 0) or latent.shape[2]
+        cache = CausalCache(carry=chunk < latent.shape[2])
+        chunks = range(0, latent.shape[2], chunk)
+        return torch.cat(
+            [self.decoder(latent[:, :, a : a + chunk], cache, first_frame_features, noise) for a in chunks],
+            dim=2,
+        )
 
     def decode_patch(
         self,
@@ -132,8 +170,18 @@ class FSAE(nn.Module):
     ) -> PatchDecodeOutput:
         """Stage-3 patch decoding: see :func:`fsvideo.ae.patch.decode_patch`."""
         self.check_latent(latent)
+        config = self.config
+        if config.improved_decoder:
+            raise ValueError(
+                "patch decoding is the stage-3 training of the plain causal decoder; a §2.2.3 decoder "
+                f"(decoder_variant {config.decoder_variant!r}, first_frame_injection "
+                f"{config.first_frame_injection}, noise_weight {config.noise_weight}) decodes whole frames"
+            )
         return decode_patch(self.decoder, latent, patch_size, origin, generator, tail_stages)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """Reconstruct ``B×3×T×H×W`` → same shape."""
-        return self.decode(self.encode(video))
+    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reconstruct ``B×3×T×H×W`` → same shape (``generator`` seeds the decoder's noise)."""
+        if self.config.first_frame_injection:
+            latent, features = self.encode(video, return_first_frame_features=True)
+            return self.decode(latent, first_frame_features=features, generator=generator)
+        return self.decode(self.encode(video), generator=generator)

@@ -11,6 +11,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+NUM_FIRST_FRAME_FEATURES = 5
+"""Encoder stages whose first-frame features feed the decoder's cross-attention (spec §2.2.3)."""
+
+DECODER_VARIANTS = ("causal", "standard", "lite")
+"""``causal``: the stage 1–3 decoder. ``standard``: non-causal convs (FSAE-Standard, §2.2.3).
+``lite``: group-causal convs and narrower outer stages (FSAE-Lite, §2.2.3)."""
+
 
 @dataclass
 class FSAEConfig:
@@ -42,13 +49,33 @@ class FSAEConfig:
     """Add the channel-duplicating shortcut to the decoder's input conv."""
     gradient_checkpointing: bool = False
     """Recompute every block in the backward pass instead of keeping its activations."""
+    decoder_variant: str = "causal"
+    """Temporal padding of the decoder's convs: causal, standard (non-causal, zero padded on both
+    sides) or lite (group-causal: causal across frame groups of 1, 2, 4 frames by the stage's time
+    ratio, free inside a group, replication padded after each group)."""
+    first_frame_injection: bool = False
+    """Cross-attention from each decoder stage that has an encoder first-frame feature (the last 5
+    stages) to that feature; ``decode`` then needs ``first_frame_features``."""
+    noise_weight: float = 0.0
+    """Weight of the standard Gaussian noise added before every decoder conv block (0.05 in §2.2.3)."""
+    lite_widths: tuple[int, ...] = ()
+    """Decoder widths of the outer stages (stage 0 first) replacing ``widths`` there; () keeps them."""
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
         self.encoder_depths = tuple(self.encoder_depths)
         self.decoder_depths = tuple(self.decoder_depths)
         self.multiscale_kernel_sizes = tuple(self.multiscale_kernel_sizes)
+        self.lite_widths = tuple(self.lite_widths)
         n = len(self.widths)
+        if self.decoder_variant not in DECODER_VARIANTS:
+            raise ValueError(
+                f"decoder_variant must be one of {DECODER_VARIANTS}, got {self.decoder_variant!r}"
+            )
+        if self.noise_weight < 0:
+            raise ValueError(f"noise_weight must be >= 0, got {self.noise_weight}")
+        if len(self.lite_widths) > n or min(self.lite_widths, default=1) < 1:
+            raise ValueError(f"lite_widths {self.lite_widths} must hold at most {n} positive widths")
         if n < 2:
             raise ValueError(f"widths needs at least two stages, got {self.widths}")
         if len(self.encoder_depths) != n or len(self.decoder_depths) != n:
@@ -72,16 +99,24 @@ class FSAEConfig:
                     f"attention stage {i}: width {self.widths[i]} is not divisible by "
                     f"attention_head_dim {self.attention_head_dim}"
                 )
-        for i in range(n - 1):
-            # The space(-time)-to-channel shortcut averages groups of channels and its inverse repeats
-            # them, so each resampling needs whole groups in both directions.
-            factor = 8 if i < self.time_resample_stages else 4
-            narrow, wide = self.widths[i], self.widths[i + 1]
-            if (narrow * factor) % wide or (wide * factor) % narrow:
-                raise ValueError(
-                    f"resampling {i}->{i + 1}: widths {narrow} and {wide} must divide each other "
-                    f"times {factor} (channel shortcut groups)"
-                )
+        if self.first_frame_injection:
+            for i in self.first_frame_stages:
+                if self.decoder_widths[i] % self.attention_head_dim:
+                    raise ValueError(
+                        f"first-frame cross-attention at decoder stage {i}: width {self.decoder_widths[i]} "
+                        f"is not divisible by attention_head_dim {self.attention_head_dim}"
+                    )
+        for widths in (self.widths, self.decoder_widths):
+            for i in range(n - 1):
+                # The space(-time)-to-channel shortcut averages groups of channels and its inverse repeats
+                # them, so each resampling needs whole groups in both directions.
+                factor = 8 if i < self.time_resample_stages else 4
+                narrow, wide = widths[i], widths[i + 1]
+                if (narrow * factor) % wide or (wide * factor) % narrow:
+                    raise ValueError(
+                        f"resampling {i}->{i + 1}: widths {narrow} and {wide} must divide each other "
+                        f"times {factor} (channel shortcut groups)"
+                    )
         if self.widths[-1] % self.latent_channels:
             raise ValueError(
                 f"widths[-1] ({self.widths[-1]}) must be a multiple of latent_channels "
@@ -101,6 +136,25 @@ class FSAEConfig:
     def temporal_compression(self) -> int:
         """Pixel frames per latent frame after the first: ``T = 1 + f·(t - 1)``."""
         return 2**self.time_resample_stages
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        """Channels of each decoder stage: ``widths`` with the outer ones replaced by ``lite_widths``."""
+        return self.lite_widths + self.widths[len(self.lite_widths) :]
+
+    @property
+    def improved_decoder(self) -> bool:
+        """Whether any §2.2.3 decoder change is on (such a decoder only decodes whole frames)."""
+        return self.decoder_variant != "causal" or self.first_frame_injection or self.noise_weight > 0
+
+    @property
+    def first_frame_stages(self) -> tuple[int, ...]:
+        """Stages whose encoder first-frame features feed the decoder (the last 5, spec §2.2.3)."""
+        return tuple(range(max(0, self.num_stages - NUM_FIRST_FRAME_FEATURES), self.num_stages))
+
+    def decoder_group_size(self, stage: int) -> int:
+        """Frames per group of the lite decoder's convs at ``stage``: pixel frames per latent frame there."""
+        return 2 ** max(0, self.time_resample_stages - stage)
 
     def is_attention_stage(self, stage: int) -> bool:
         return stage >= self.num_conv_stages
@@ -128,3 +182,17 @@ class FSAEConfig:
         interpolate resampling, depths 2,2,2,3,3,3 encoder and 3×6 decoder, multiscale 5) plus the
         seventh EfficientViT stage of dc-ae-f64c128 (width 2048, depth 2), 128 latent channels."""
         return dataclasses.replace(cls(), **overrides)
+
+    def with_decoder_variant(self, variant: str, **overrides) -> FSAEConfig:
+        """This architecture with the decoder of ``variant``: standard and lite inject first-frame features
+        and noise (weight 0.05); lite also halves the two outer decoder stages' widths."""
+        if variant not in DECODER_VARIANTS:
+            raise ValueError(f"decoder variant must be one of {DECODER_VARIANTS}, got {variant!r}")
+        improved = variant != "causal"
+        fields = {
+            "decoder_variant": variant,
+            "first_frame_injection": improved,
+            "noise_weight": 0.05 if improved else 0.0,
+            "lite_widths": tuple(w // 2 for w in self.widths[:2]) if variant == "lite" else (),
+        }
+        return dataclasses.replace(self, **{**fields, **overrides})
