@@ -22,9 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.latent_cache import (
     LatentCache,
@@ -37,7 +34,8 @@ from datamodules.latent_cache import (
 from datamodules.latent_encoder import EncoderPaths, LatentEncoder
 from datamodules.pipeline import Cursor
 from datamodules.shards import WorkerSlot, plan_pass, read_shard
-from datamodules.skips import SKIP_REASONS, SkipCounter, SkipSample, log_keys
+from datamodules.skips import SkipCounter, SkipSample
+from datamodules.streaming import StreamDataModule, WorkerStreamDataset
 from datamodules.video import TrackingLoader, VideoDataModule
 
 log = logging.getLogger(__name__)
@@ -148,7 +146,7 @@ class _LatentStream:
         return batch
 
 
-class LatentBatchDataset(IterableDataset):
+class LatentBatchDataset(WorkerStreamDataset):
     """Yields ready batches of one latent cache (``batch_size=None`` in the DataLoader), ``batches`` per rank
     per iteration; shards are split across ranks and workers and cycled as in ``BucketedClipDataset``."""
 
@@ -164,7 +162,7 @@ class LatentBatchDataset(IterableDataset):
         world_size: int = 1,
         start: dict[int, dict[str, int]] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batches, train, rank, world_size, start)
         if batch_size < 1 or batches < 1:
             raise ValueError(f"batch_size={batch_size} and batches={batches} must be at least 1.")
         if image_fraction is not None and not 0 <= image_fraction <= 1:
@@ -174,37 +172,14 @@ class LatentBatchDataset(IterableDataset):
         self.urls = cache.urls
         self.text_len = cache.text_len
         self.batch_size = batch_size
-        self.batches = batches
-        self.train = train
         self.image_fraction = image_fraction
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.start = start or {}
-        self._streams: dict[int, _LatentStream] = {}
 
-    def __len__(self) -> int:
-        return self.batches
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_streams"] = {}  # live readers stay in the process that made them
-        return state
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot = WorkerSlot(self.rank, self.world_size, worker, num_workers)
-        stream = self._streams.get(worker) if self.train else None
-        if stream is None or stream.slot != slot:
-            stream = _LatentStream(self, slot, Cursor(**self.start.get(worker, {})))
-            self._streams[worker] = stream
-        quota = self.batches // num_workers + (worker < self.batches % num_workers)
-        for _ in range(quota):
-            yield stream.next_batch()
+    def open_stream(self, slot: WorkerSlot, cursor: dict[str, int]) -> _LatentStream:
+        return _LatentStream(self, slot, Cursor(**cursor))
 
 
-class LatentDataModule(LightningDataModule):
+class LatentDataModule(StreamDataModule):
     """Batches from latent caches written by ``fsvideo data encode`` (see the module docstring for the batch).
 
     Buckets, frames and fps are those the cache was encoded with; the train and validation caches must share
@@ -252,8 +227,6 @@ class LatentDataModule(LightningDataModule):
         self.caches: dict[str, LatentCache] = {}
         self.latent_stats: LatentStats | None = None
         self.empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.loaders: dict[str, TrackingLoader] = {}
-        self._resume: dict[str, Any] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.caches:
@@ -266,16 +239,9 @@ class LatentDataModule(LightningDataModule):
         self.latent_stats = train.stats
         self.empty_text = train.empty_text() if train.has_conditions else None
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def _loader(self, stage: str, batches: int) -> TrackingLoader:
         self.setup()
-        rank, world_size = self._rank_and_world()
+        rank, world_size = self.rank_and_world()
         train = stage == "train"
         dataset = LatentBatchDataset(
             self.caches[stage],
@@ -286,7 +252,7 @@ class LatentDataModule(LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world_size,
-            start=self._resume_cursors(rank, world_size) if train else None,
+            start=self.resume_cursors(rank, world_size) if train else None,
         )
         loader = TrackingLoader(
             dataset,
@@ -304,55 +270,6 @@ class LatentDataModule(LightningDataModule):
 
     def val_dataloader(self) -> TrackingLoader | list:
         return [] if self.val_cache is None else self._loader("val", self.val_batches)
-
-    def skipped_counts(self, stage: str = "train") -> dict[str, int]:
-        """``data/skipped_<reason>`` (and ``data/skipped_total``) so far on this rank."""
-        loader = self.loaders.get(stage)
-        totals = {reason: 0 for reason in SKIP_REASONS}
-        for counts in loader.skipped.values() if loader is not None else ():
-            for reason, n in counts.items():
-                totals[reason] += n
-        return log_keys(totals)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Every rank's training-stream cursors (per worker); gathers across ranks under torch.distributed."""
-        loader = self.loaders.get("train")
-        mine = {
-            "num_workers": self.num_workers,
-            "cursors": dict(loader.cursors) if loader is not None else {},
-        }
-        rank, world_size = self._rank_and_world()
-        if world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * world_size
-            dist.all_gather_object(gathered, mine)
-            ranks = dict(enumerate(gathered))
-        else:
-            ranks = {rank: mine}
-        return {"world_size": world_size, "ranks": ranks}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Training resumes from the stored cursors (same world size and worker count needed)."""
-        self._resume = state_dict
-
-    def _resume_cursors(self, rank: int, world_size: int) -> dict[int, dict[str, int]] | None:
-        if not self._resume:
-            return None
-        saved = self._resume["ranks"].get(rank)
-        if (
-            self._resume["world_size"] != world_size
-            or saved is None
-            or saved["num_workers"] != self.num_workers
-        ):
-            log.warning(
-                "latent data position not restored: the checkpoint was written with world_size=%s and "
-                "num_workers=%s, this run has %s and %s; the data stream starts over.",
-                self._resume["world_size"],
-                saved["num_workers"] if saved else "?",
-                world_size,
-                self.num_workers,
-            )
-            return None
-        return saved["cursors"]
 
 
 class EncodingVideoDataModule(VideoDataModule):

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from datamodules.buckets import Bucket, BucketSet
 from datamodules.samples import Clip, SampleDecoder, media_kind
 from datamodules.shards import WorkerSlot, expand_shards, plan_pass, read_shard
 from datamodules.skips import SkipCounter, SkipSample
+from datamodules.streaming import WorkerStreamDataset
 
 KINDS = ("image", "video")
 
@@ -168,7 +169,7 @@ class _WorkerStream:
         }
 
 
-class BucketedClipDataset(IterableDataset):
+class BucketedClipDataset(WorkerStreamDataset):
     """Yields ready batches (``batch_size=None`` in the DataLoader), ``batches`` per rank per iteration.
 
     A batch is ``{"video": B×3×T×H×W uint8, "caption": list[str], "is_image": bool B, "meta": {...}}``;
@@ -190,44 +191,19 @@ class BucketedClipDataset(IterableDataset):
         world_size: int = 1,
         start: dict[int, dict[str, int]] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batches, train, rank, world_size, start)
         if batch_size < 1 or batches < 1:
             raise ValueError(f"batch_size={batch_size} and batches={batches} must be at least 1.")
         if image_fraction is not None and not 0 <= image_fraction <= 1:
             raise ValueError(
                 f"image_fraction={image_fraction} must be in [0, 1], or None for the data's own mix."
             )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size}).")
         self.urls = expand_shards(shards)
         self.buckets = buckets
         self.batch_size = batch_size
-        self.batches = batches
         self.fps = fps
-        self.train = train
         self.image_fraction = image_fraction
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.start = start or {}
-        self._streams: dict[int, _WorkerStream] = {}
 
-    def __len__(self) -> int:
-        return self.batches
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_streams"] = {}  # live readers stay in the process that made them
-        return state
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot = WorkerSlot(self.rank, self.world_size, worker, num_workers)
-        stream = self._streams.get(worker) if self.train else None
-        if stream is None or stream.slot != slot:
-            stream = _WorkerStream(self, slot, Cursor(**self.start.get(worker, {})))
-            self._streams[worker] = stream
-        quota = self.batches // num_workers + (worker < self.batches % num_workers)
-        for _ in range(quota):
-            yield stream.next_batch()
+    def open_stream(self, slot: WorkerSlot, cursor: dict[str, int]) -> _WorkerStream:
+        return _WorkerStream(self, slot, Cursor(**cursor))

@@ -17,13 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.buckets import BucketConfig, check_num_frames
 from datamodules.pipeline import BucketedClipDataset, normalize_video
-from datamodules.skips import SKIP_REASONS, log_keys
+from datamodules.streaming import StreamDataModule
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ class TrackingLoader(DataLoader):
             yield batch
 
 
-class VideoDataModule(LightningDataModule):
+class VideoDataModule(StreamDataModule):
     """Videos (``KEY.mp4``) and stills (``KEY.jpg``/``KEY.png``), each with ``KEY.json`` (``caption``; optional
     ``fps``, ``width``, ``height``, scores), from WebDataset tar shards, cut into clips and batched by
     aspect-ratio bucket.
@@ -117,18 +115,9 @@ class VideoDataModule(LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         self.val_batches = val_batches
         self.seed = seed
-        self.loaders: dict[str, TrackingLoader] = {}
-        self._resume: dict[str, Any] | None = None
-
-    def _rank_and_world(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
 
     def _dataset(self, shards: str | list[str], batches: int, train: bool) -> BucketedClipDataset:
-        rank, world_size = self._rank_and_world()
+        rank, world_size = self.rank_and_world()
         return BucketedClipDataset(
             shards,
             self.bucket_set,
@@ -140,7 +129,7 @@ class VideoDataModule(LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world_size,
-            start=self._resume_cursors(rank, world_size) if train else None,
+            start=self.resume_cursors(rank, world_size) if train else None,
         )
 
     def _loader(self, stage: str, dataset: BucketedClipDataset) -> TrackingLoader:
@@ -169,54 +158,3 @@ class VideoDataModule(LightningDataModule):
         if batch["video"].dtype == torch.uint8:
             batch["video"] = normalize_video(batch["video"])
         return batch
-
-    def skipped_counts(self, stage: str = "train") -> dict[str, int]:
-        """``data/skipped_<reason>`` (and ``data/skipped_total``) so far on this rank: training counts run
-        since the loader was made, validation counts cover the last validation run."""
-        loader = self.loaders.get(stage)
-        totals = {reason: 0 for reason in SKIP_REASONS}
-        for counts in loader.skipped.values() if loader is not None else ():
-            for reason, n in counts.items():
-                totals[reason] += n
-        return log_keys(totals)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Every rank's training-stream cursors (per worker). Under torch.distributed this gathers across
-        ranks, so call it on every rank, as Lightning's checkpointing does."""
-        loader = self.loaders.get("train")
-        mine = {
-            "num_workers": self.num_workers,
-            "cursors": dict(loader.cursors) if loader is not None else {},
-        }
-        rank, world_size = self._rank_and_world()
-        if world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * world_size
-            dist.all_gather_object(gathered, mine)
-            ranks = dict(enumerate(gathered))
-        else:
-            ranks = {rank: mine}
-        return {"world_size": world_size, "ranks": ranks}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Training resumes from the stored cursors (same world size and worker count needed)."""
-        self._resume = state_dict
-
-    def _resume_cursors(self, rank: int, world_size: int) -> dict[int, dict[str, int]] | None:
-        if not self._resume:
-            return None
-        saved = self._resume["ranks"].get(rank)
-        if (
-            self._resume["world_size"] != world_size
-            or saved is None
-            or saved["num_workers"] != self.num_workers
-        ):
-            log.warning(
-                "data position not restored: the checkpoint was written with world_size=%s and "
-                "num_workers=%s, this run has %s and %s; the data stream starts over.",
-                self._resume["world_size"],
-                saved["num_workers"] if saved else "?",
-                world_size,
-                self.num_workers,
-            )
-            return None
-        return saved["cursors"]
