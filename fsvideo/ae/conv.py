@@ -48,7 +48,8 @@ class CausalCache:
             return
         self._seen.add(layer)
         if past is not None:
-            self._past[layer] = past
+            # A copy, not a view: a view would keep the whole chunk's input alive until the next chunk.
+            self._past[layer] = past.clone()
 
 
 def holds_first_frame(cache: CausalCache | None, layer: nn.Module) -> bool:
