@@ -191,18 +191,10 @@ class BucketedClipDataset(WorkerStreamDataset):
         world_size: int = 1,
         start: dict[int, dict[str, int]] | None = None,
     ) -> None:
-        super().__init__(batches, train, rank, world_size, start)
-        if batch_size < 1 or batches < 1:
-            raise ValueError(f"batch_size={batch_size} and batches={batches} must be at least 1.")
-        if image_fraction is not None and not 0 <= image_fraction <= 1:
-            raise ValueError(
-                f"image_fraction={image_fraction} must be in [0, 1], or None for the data's own mix."
-            )
+        super().__init__(batch_size, batches, train, image_fraction, rank, world_size, start)
         self.urls = expand_shards(shards)
         self.buckets = buckets
-        self.batch_size = batch_size
         self.fps = fps
-        self.image_fraction = image_fraction
         self.seed = seed
 
     def open_stream(self, slot: WorkerSlot, cursor: dict[str, int]) -> _WorkerStream:

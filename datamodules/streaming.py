@@ -34,17 +34,27 @@ class WorkerStreamDataset(IterableDataset):
 
     def __init__(
         self,
+        batch_size: int,
         batches: int,
         train: bool,
+        image_fraction: float | None = None,
         rank: int = 0,
         world_size: int = 1,
         start: dict[int, dict[str, int]] | None = None,
     ) -> None:
         super().__init__()
+        if batch_size < 1 or batches < 1:
+            raise ValueError(f"batch_size={batch_size} and batches={batches} must be at least 1.")
+        if image_fraction is not None and not 0 <= image_fraction <= 1:
+            raise ValueError(
+                f"image_fraction={image_fraction} must be in [0, 1], or None for the data's own mix."
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size}).")
+        self.batch_size = batch_size
         self.batches = batches
         self.train = train
+        self.image_fraction = image_fraction
         self.rank = rank
         self.world_size = world_size
         self.start = start or {}

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger(__name__)
 
 
-def _fold_time(video: torch.Tensor) -> torch.Tensor:
+def fold_time(video: torch.Tensor) -> torch.Tensor:
     """``B×C×T×H×W`` → ``(B·T)×C×H×W``."""
     b, c, t, h, w = video.shape
     return video.transpose(1, 2).reshape(b * t, c, h, w)
@@ -42,7 +42,7 @@ def _unfold_time(frames: torch.Tensor, batch: int) -> torch.Tensor:
 def resize_frames(video: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """Resize every frame of ``B×C×T×H×W`` to ``size = (H', W')``; time is untouched."""
     align_corners = False if mode in ("bilinear", "bicubic") else None
-    frames = F.interpolate(_fold_time(video), size=size, mode=mode, align_corners=align_corners)
+    frames = F.interpolate(fold_time(video), size=size, mode=mode, align_corners=align_corners)
     return _unfold_time(frames, video.shape[0])
 
 
@@ -182,7 +182,7 @@ class PerceptualLoss(nn.Module):
         return self
 
     def _slice_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.lpips(_fold_time(x), _fold_time(y)).sum()
+        return self.lpips(fold_time(x), fold_time(y)).sum()
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean LPIPS over all frames.

@@ -31,6 +31,7 @@ from fsvideo.losses import (
     VideoVFLoss,
     discriminator_loss,
     downscale_regularization,
+    fold_time,
     generator_loss,
     r1_penalty,
     upscale_regularization,
@@ -346,7 +347,7 @@ class AutoencoderModule(TrainingStage):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         video = batch["video"]
         recon = self.reconstruct(video)
-        frames, recon_frames = fold_frames(video), fold_frames(recon)
+        frames, recon_frames = fold_time(video), fold_time(recon)
         self.val_metrics["psnr"].update((recon_frames + 1) / 2, (frames + 1) / 2)
         self.val_metrics["ssim"].update((recon_frames + 1) / 2, (frames + 1) / 2)
         self.val_metrics["lpips"].update(self.perceptual(recon, video))
@@ -375,8 +376,3 @@ class AutoencoderModule(TrainingStage):
             self.fvd["fake"] = FeatureStatistics(real_features.shape[1])
         self.fvd["real"].update(real_features)
         self.fvd["fake"].update(fake_features)
-
-
-def fold_frames(video: torch.Tensor) -> torch.Tensor:
-    """``B×C×T×H×W`` → ``(B·T)×C×H×W``."""
-    return video.transpose(1, 2).flatten(0, 1)

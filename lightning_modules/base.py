@@ -131,8 +131,9 @@ class TrainingStage(L.LightningModule):
 def capture_rng_states() -> dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA generator states, in types ``torch.load(weights_only=True)`` reads."""
     numpy_state = np.random.get_state()
+    version, mt_state, gauss_next = random.getstate()
     states: dict[str, Any] = {
-        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "python": [*mt_state, version, gauss_next],
         "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2])},
         "torch": torch.get_rng_state(),
     }
