@@ -24,14 +24,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
-from callbacks.logging import resolve_wandb_mode
+from callbacks.logging import resolve_wandb_mode, wandb_run_id
 from fsvideo.checkpoints import RUN_CONFIG
 
 # Lightning warnings that are expected with this project's design, silenced so real ones stand out:
 # stages use manual optimization (checkpoints hold post-step weights, as intended), frozen networks
-# (EMA twins, LPIPS, encoders) stay in eval mode, and data streams know their per-rank length.
+# (EMA twins, LPIPS, encoders) stay in eval mode, data streams know their per-rank length, and the
+# DataModules (not the DataLoaders) save and restore the stream position, so a mid-epoch resume is exact.
 for _message in (
     "Using ModelCheckpoint with manual optimization",
+    "You're resuming from a checkpoint that ended before the epoch ended",
     r"Found \d+ module\(s\) in eval mode",
     "Your `IterableDataset` has `__len__` defined",
     "LightningCLI's args parameter is intended to run from within Python",
@@ -107,6 +109,10 @@ class FSVideoCLI(LightningCLI):
                     "name": Path(root).name,
                     "save_dir": root,
                     "offline": mode == "offline",
+                    "id": wandb_run_id(
+                        root, resuming=self.subcommand == "fit" and config.get("ckpt_path") is not None
+                    ),
+                    "resume": "allow",
                 },
             }
         elif default_logger:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 WANDB_MODES = ("auto", "offline", "online", "disabled")
+RUN_ID_FILE = "wandb_run_id"
 
 
 def wandb_account_configured() -> bool:
@@ -32,3 +34,18 @@ def resolve_wandb_mode(requested: str) -> str:
     if env_mode == "dryrun":
         return "offline"
     return "online" if wandb_account_configured() else "offline"
+
+
+def wandb_run_id(run_dir: str | Path, resuming: bool) -> str:
+    """The wandb run id of the run in ``run_dir``: the stored one when resuming (``--ckpt_path``), so the
+    resumed run continues the same wandb run and its charts; a new one (stored in ``run_dir/wandb_run_id``)
+    for a fresh run."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if resuming and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{RUN_ID_FILE}.tmp")
+    temporary.write_text(run_id + "\n")
+    temporary.replace(path)
+    return run_id

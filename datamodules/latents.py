@@ -16,8 +16,6 @@ with) and ``empty_text`` (tokens ``1×L×D``, mask ``1×L``: the empty prompt, w
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,111 +30,24 @@ from datamodules.latent_cache import (
     unpack_sample,
 )
 from datamodules.latent_encoder import EncoderPaths, LatentEncoder
-from datamodules.pipeline import Cursor
-from datamodules.shards import WorkerSlot, plan_pass, read_shard
-from datamodules.skips import SkipCounter, SkipSample
-from datamodules.streaming import StreamDataModule, WorkerStreamDataset
-from datamodules.video import TrackingLoader, VideoDataModule
+from datamodules.streaming import BucketStream, StreamDataModule, TrackingLoader, WorkerStreamDataset
+from datamodules.video import VideoDataModule
 
 log = logging.getLogger(__name__)
 
-KINDS = ("image", "video")
 
+class _LatentStream(BucketStream):
+    """Unpacks cached samples; batches pad the prompts' tokens to the cache's text length."""
 
-class _LatentStream:
-    """Batches for one worker: reads cached samples, fills per-bucket buffers, picks the kind of each batch.
+    def decode(self, raw: dict[str, Any], rng: np.random.Generator) -> LatentSample:
+        return unpack_sample(raw)
 
-    With ``image_fraction`` p, batch b is a batch of stills with probability p (drawn from seed, rank, worker
-    and b); a full batch of the other kind waits (at most one), and further samples of that kind are passed
-    over while it waits, as ``VideoDataModule`` does.
-    """
-
-    def __init__(self, ds: LatentBatchDataset, slot: WorkerSlot, cursor: Cursor) -> None:
-        self.ds = ds
-        self.slot = slot
-        self.cursor = Cursor(**cursor.as_dict())
-        self.counter = SkipCounter(f" (rank {slot.rank}, worker {slot.worker})")
-        self.pending: dict[str, list[LatentSample]] = {}
-        self.ready: dict[str, deque[list[LatentSample]]] = {kind: deque() for kind in KINDS}
-        p = ds.image_fraction
-        self.max_ready = {"image": int(p is None or p > 0), "video": int(p is None or p < 1)}
-        self.wanted: str | None = None
-        self.progress = False
-        self.samples = self._samples()
-
-    def _samples(self) -> Iterator[LatentSample]:
-        ds, cur = self.ds, self.cursor
-        fruitless_passes = 0
-        while True:
-            plan = plan_pass(ds.urls, self.slot, ds.seed, cur.pass_index, shuffle=ds.train)
-            while cur.shard_position < len(plan.urls):
-                position, resume_at = cur.shard_position, cur.sample_index
-                for index, raw in enumerate(read_shard(plan.urls[position], self.counter)):
-                    if index < resume_at:
-                        continue
-                    cur.sample_index = index + 1
-                    if not plan.keeps(position, index):
-                        continue
-                    try:
-                        yield unpack_sample(raw)
-                    except SkipSample as skip:
-                        self.counter.record(skip, raw.get("__key__", ""), raw.get("__url__", ""))
-                cur.shard_position, cur.sample_index = position + 1, 0
-            cur.pass_index, cur.shard_position = cur.pass_index + 1, 0
-            fruitless_passes = 0 if self.progress else fruitless_passes + 1
-            self.progress = False
-            # The first pass may have started mid-way (resume); a second whole pass without progress is final.
-            if fruitless_passes >= 2:
-                kind = f"{self.wanted} " if self.wanted else ""
-                raise RuntimeError(
-                    f"no usable {kind}sample in a whole pass over the {len(plan.urls)} latent shard(s) of rank "
-                    f"{self.slot.rank} worker {self.slot.worker}; skipped so far: {dict(self.counter.counts)}. "
-                    "Check the cache, or change image_fraction if that kind is absent from it."
-                )
-
-    def next_batch(self) -> dict[str, Any]:
-        p = self.ds.image_fraction
-        if p is not None:
-            rng = np.random.default_rng([self.ds.seed, self.slot.rank, self.slot.worker, self.cursor.batches])
-            self.wanted = "image" if rng.random() < p else "video"
-        samples = self._next_samples()
-        self.cursor.batches += 1
-        self.progress = True
-        return self._collate(samples)
-
-    def _next_samples(self) -> list[LatentSample]:
-        if self.wanted is not None and self.ready[self.wanted]:
-            return self.ready[self.wanted].popleft()
-        while True:
-            sample = next(self.samples)
-            kind = "image" if sample.is_image else "video"
-            if kind != self.wanted and len(self.ready[kind]) >= self.max_ready[kind]:
-                continue  # throttled to keep the image/video ratio: not bad data, not counted
-            if self.wanted is None or kind == self.wanted:
-                self.progress = True
-            group = self.pending.setdefault(sample.bucket, [])
-            group.append(sample)
-            if len(group) < self.ds.batch_size:
-                continue
-            del self.pending[sample.bucket]
-            if self.wanted is None or kind == self.wanted:
-                return group
-            self.ready[kind].append(group)
-
-    def _collate(self, samples: list[LatentSample]) -> dict[str, Any]:
+    def collate(self, samples: list[LatentSample]) -> dict[str, Any]:
         batch: dict[str, Any] = {
             "latent": torch.stack([s.latent for s in samples]),
             "caption": [s.caption for s in samples],
             "is_image": torch.tensor([s.is_image for s in samples]),
-            "meta": {
-                "key": [s.meta.get("source_key", "") for s in samples],
-                "bucket": samples[0].bucket,
-                "stage": "train" if self.ds.train else "val",
-                "rank": self.slot.rank,
-                "worker": self.slot.worker,
-                "cursor": self.cursor.as_dict(),
-                "skipped": self.counter.snapshot(),
-            },
+            "meta": {"key": [s.meta.get("source_key", "") for s in samples], "bucket": samples[0].bucket},
         }
         if samples[0].text_tokens is not None:
             batch["text_tokens"], batch["text_mask"] = pad_text(
@@ -150,6 +61,8 @@ class LatentBatchDataset(WorkerStreamDataset):
     """Yields ready batches of one latent cache (``batch_size=None`` in the DataLoader), ``batches`` per rank
     per iteration; shards are split across ranks and workers and cycled as in ``BucketedClipDataset``."""
 
+    stream_class = _LatentStream
+
     def __init__(
         self,
         cache: LatentCache,
@@ -160,15 +73,12 @@ class LatentBatchDataset(WorkerStreamDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        start: dict[int, dict[str, int]] | None = None,
+        start: dict[int, dict[str, Any]] | None = None,
     ) -> None:
-        super().__init__(batch_size, batches, train, image_fraction, rank, world_size, start)
-        self.urls = cache.urls
+        super().__init__(
+            cache.urls, batch_size, batches, train, image_fraction, seed, rank, world_size, start
+        )
         self.text_len = cache.text_len
-        self.seed = seed
-
-    def open_stream(self, slot: WorkerSlot, cursor: dict[str, int]) -> _LatentStream:
-        return _LatentStream(self, slot, Cursor(**cursor))
 
 
 class LatentDataModule(StreamDataModule):
@@ -246,16 +156,7 @@ class LatentDataModule(StreamDataModule):
             world_size=world_size,
             start=self.resume_cursors(rank, world_size) if train else None,
         )
-        loader = TrackingLoader(
-            dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=train and self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            normalize=False,
-        )
-        self.loaders[stage] = loader
-        return loader
+        return self.make_loader(stage, dataset)
 
     def train_dataloader(self) -> TrackingLoader:
         return self._loader("train", self.batches_per_epoch)

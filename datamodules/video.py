@@ -13,37 +13,20 @@ values that a LightningModule or callback logs (``sync_dist=True, reduce_fx="sum
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from datamodules.buckets import BucketConfig, check_num_frames
 from datamodules.pipeline import BucketedClipDataset, normalize_video
-from datamodules.streaming import StreamDataModule
+from datamodules.streaming import StreamDataModule, TrackingLoader
 
 log = logging.getLogger(__name__)
 
 
-class TrackingLoader(DataLoader):
-    """A DataLoader that remembers the latest skip counts and cursor each worker reported in its batches,
-    and with ``normalize`` turns the uint8 video into float in [-1, 1] itself."""
-
-    def __init__(self, *args: Any, normalize: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.normalize = normalize
-        self.skipped: dict[int, dict[str, int]] = {}
-        self.cursors: dict[int, dict[str, int]] = {}
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in super().__iter__():
-            meta = batch["meta"]
-            self.skipped[meta["worker"]] = meta["skipped"]
-            self.cursors[meta["worker"]] = meta["cursor"]
-            if self.normalize:
-                batch["video"] = normalize_video(batch["video"])
-            yield batch
+def _normalize_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    batch["video"] = normalize_video(batch["video"])
+    return batch
 
 
 class VideoDataModule(StreamDataModule):
@@ -133,18 +116,8 @@ class VideoDataModule(StreamDataModule):
         )
 
     def _loader(self, stage: str, dataset: BucketedClipDataset) -> TrackingLoader:
-        loader = TrackingLoader(
-            dataset,
-            # Under a Trainer, on_after_batch_transfer normalises on the training device instead.
-            normalize=self.trainer is None,
-            batch_size=None,
-            num_workers=self.num_workers,
-            # The training stream lives in its workers and continues across epochs.
-            persistent_workers=stage == "train" and self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-        self.loaders[stage] = loader
-        return loader
+        # Under a Trainer, on_after_batch_transfer normalises on the training device instead.
+        return self.make_loader(stage, dataset, transform=_normalize_batch if self.trainer is None else None)
 
     def train_dataloader(self) -> TrackingLoader:
         return self._loader("train", self._dataset(self.train_shards, self.batches_per_epoch, train=True))

@@ -1,5 +1,5 @@
 """The wiring end to end: `fsvideo fit` trains the tiny FSAE on the sample shards, writes a checkpoint,
-its resolved config and a wandb run, and `--ckpt_path last` resumes it."""
+its resolved config and a wandb run, and `--ckpt_path last` resumes it (same wandb run id)."""
 
 from __future__ import annotations
 
@@ -48,8 +48,11 @@ def test_fit_writes_checkpoint_config_and_resumes(sample_shards, tmp_path, monke
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb should log offline into the run dir"
     assert list((run_dir / "videos").rglob("*.mp4")), "validation reconstructions should be written"
 
-    main([*fit_args(sample_shards, run_dir, max_steps=4, wandb_mode="disabled"), "--ckpt_path=last"])
+    main([*fit_args(sample_shards, run_dir, max_steps=4, wandb_mode="offline"), "--ckpt_path=last"])
     resumed = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert {path.name.rsplit("-", 1)[1] for path in wandb_runs} == {run_id}, "the resume continues the wandb run"
     assert resumed["global_step"] == 4
     weights_changed = [
         not torch.equal(resumed["state_dict"][k], first["state_dict"][k])
