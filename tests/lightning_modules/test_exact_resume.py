@@ -75,20 +75,24 @@ def run_both(config: str, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     return straight, resumed
 
 
-def test_fsae_with_gan_resumes_exactly(sample_shards, tmp_path):
-    straight, resumed = run_both(
-        "fsae-stage2",
-        tmp_path,
+def test_fsae_with_gan_resumes_exactly(sample_shards, tmp_path, caplog):
+    data = [
         f"--data.init_args.train_shards={sample_shards.train}",
         "--data.init_args.val_shards=null",
         "--data.init_args.num_frames=5",
         "--data.init_args.buckets.size=64",
         "--model.init_args.gan.start_step=0",
         "--model.init_args.gan.r1_every=2",
-    )
+    ]
+    straight, resumed = run_both("fsae-stage2", tmp_path, *data)
     metrics = steps(straight)[-1]["metrics"]
     assert {"train/d_loss", "train/g_adv", "train/loss"} <= metrics.keys(), "the GAN must be on"
     check_same_run(straight, resumed)
+
+    # Another process layout (no worker process now): weights and optimizers carry over, the data is re-split.
+    fit("fsae-stage2", resumed, STEPS + 2, "--ckpt_path=last", *data, "--data.init_args.num_workers=0")
+    assert "data position re-split" in caplog.text and "num_workers=1" in caplog.text
+    assert [row["step"] for row in steps(resumed)][-2:] == [STEPS + 1, STEPS + 2]
 
 
 def test_dit_resumes_exactly(tiny_latents, tmp_path):
