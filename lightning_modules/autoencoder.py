@@ -180,15 +180,17 @@ class AutoencoderModule(TrainingStage):
         if freeze_encoder:
             self.autoencoder.encoder.requires_grad_(False).eval()
         self.autoencoder_ema = make_ema_twin(self.autoencoder) if ema_decay > 0 else None
-        self.perceptual = PerceptualLoss(
-            net=self.perceptual_config.net,
-            backbone_path=self.perceptual_config.backbone_path,
-            frames_per_slice=self.perceptual_config.frames_per_slice,
-        )
         self.regularization = regularization
         self.vf_loss = None
-        # The frozen DINOv2 is kept out of the module tree so that it never lands in checkpoints.
-        self.frozen = {}
+        # Frozen networks (LPIPS, DINOv2; I3D in self.fvd) are kept out of the module tree so that they never land in
+        # checkpoints; they follow the batch's device when used.
+        self.frozen = {
+            "lpips": PerceptualLoss(
+                net=self.perceptual_config.net,
+                backbone_path=self.perceptual_config.backbone_path,
+                frames_per_slice=self.perceptual_config.frames_per_slice,
+            )
+        }
         if regularization is not None and regularization.method == "video_vf":
             dino = FrameFeatureEncoder.from_pretrained(
                 regularization.dino_path, regularization.frames_per_batch
@@ -237,6 +239,10 @@ class AutoencoderModule(TrainingStage):
         if self.freeze_encoder:
             self.autoencoder.encoder.eval()
         return self
+
+    def perceptual(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """LPIPS between two ``B×3×T×H×W`` videos in [-1, 1], averaged over frames and batch."""
+        return self.frozen["lpips"].to(recon.device)(recon, target)
 
     def gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.gan_config.start_step

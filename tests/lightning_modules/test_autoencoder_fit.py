@@ -42,6 +42,7 @@ def test_fit_writes_checkpoint_config_and_resumes(sample_shards, tmp_path, monke
     assert (checkpoints / "last.ckpt").is_file()
     first = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert first["global_step"] == 2
+    assert not [k for k in first["state_dict"] if "lpips" in k], "frozen LPIPS must stay out of checkpoints"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["class_path"] == "lightning_modules.autoencoder.AutoencoderModule"
     assert saved["trainer"]["max_steps"] == 2
