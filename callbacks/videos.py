@@ -1,14 +1,49 @@
-"""Writes the videos a module keeps from validation (reconstructions now, generated samples later)
-as mp4 files beside the checkpoints and logs them to wandb."""
+"""Videos kept from validation (FSAE reconstructions, DiT samples), written as mp4 files beside the
+checkpoints and logged to wandb: ``save_videos`` does both, ``ValidationVideos`` feeds it the module's
+``val_examples``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from fsvideo.video_io import side_by_side, to_uint8_frames, write_mp4
+
+
+def save_videos(
+    trainer: L.Trainer,
+    videos: Sequence[torch.Tensor],
+    folder: str | Path,
+    key: str,
+    captions: Sequence[str] | None = None,
+    fps: float = 24.0,
+) -> list[Path]:
+    """Write ``videos`` (each ``3×T×H×W`` in [-1, 1], H and W even) to ``folder/NN.mp4`` and, when wandb logs
+    the run, log them under ``key`` as ``wandb.Video`` at the trainer's global step, with ``captions``.
+
+    Returns the paths of the files, in the order of ``videos``.
+    """
+    if captions is not None and len(captions) != len(videos):
+        raise ValueError(f"{len(captions)} captions for {len(videos)} videos; give one caption per video.")
+    folder = Path(folder)
+    paths = [
+        write_mp4(folder / f"{index:02d}.mp4", to_uint8_frames(video), fps=fps)
+        for index, video in enumerate(videos)
+    ]
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            labels = captions if captions is not None else [None] * len(paths)
+            logger.experiment.log(
+                {key: [wandb.Video(str(p), caption=c, format="mp4") for p, c in zip(paths, labels)]},
+                step=trainer.global_step,
+            )
+    return paths
 
 
 class ValidationVideos(L.Callback):
@@ -32,16 +67,8 @@ class ValidationVideos(L.Callback):
         if examples is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         out_dir = Path(trainer.default_root_dir) / self.folder / f"step-{trainer.global_step:07d}"
-        paths = []
-        for index in range(examples[0].shape[0]):
-            video = side_by_side(*(tensor[index] for tensor in examples))
-            paths.append(write_mp4(out_dir / f"{index:02d}.mp4", to_uint8_frames(video), fps=self.fps))
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                logger.experiment.log(
-                    {"val/videos": [wandb.Video(str(p), format="mp4") for p in paths]},
-                    step=trainer.global_step,
-                )
+        videos = [
+            side_by_side(*(tensor[index] for tensor in examples)) for index in range(examples[0].shape[0])
+        ]
+        save_videos(trainer, videos, out_dir, "val/videos", fps=self.fps)
         pl_module.val_examples = None

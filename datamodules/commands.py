@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from datamodules.buckets import BucketConfig
 from datamodules.inspection import inspect_shards
@@ -35,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     encode.add_argument("--config", required=True, help="FSAE run directory (or a checkpoint inside one)")
     encode.add_argument("--shards", nargs="+", required=True, help="video shards (paths or brace patterns)")
-    encode.add_argument("--out", required=True, help="cache directory (resumes/refuses per its fingerprint)")
+    encode.add_argument(
+        "--out",
+        required=True,
+        help="cache directory; an interrupted encode of the same fingerprint is resumed, another cache refused",
+    )
     encode.add_argument("--text-encoder", default=None, help="local UMT5 encoder folder")
     encode.add_argument("--image-encoder", default=None, help="local CLIP vision folder")
     encode.add_argument("--text-len", type=int, default=512, help="prompt length in tokens")
@@ -51,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     encode.add_argument("--token-dtype", default="bfloat16", help="storage dtype of text/image tokens")
     encode.add_argument("--encoder-dtype", default="float32", help="dtype of the text/image encoders")
     encode.add_argument("--device", default="cpu")
+    encode.add_argument(
+        "--restart", action="store_true", help="encode everything again instead of resuming / keeping --out"
+    )
     tiny = commands.add_parser(
         "tiny-encoders", help="write tiny RANDOM text/image/DINOv2 encoders (CPU demos and tests only)"
     )
@@ -69,6 +77,7 @@ def data_main(argv: list[str]) -> None:
     elif args.command == "encode":
         from datamodules.latent_cache import encode_shards
 
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress and what a resume kept
         cache = encode_shards(
             autoencoder=args.config,
             shards=args.shards,
@@ -86,6 +95,7 @@ def data_main(argv: list[str]) -> None:
             token_dtype=args.token_dtype,
             encoder_dtype=args.encoder_dtype,
             device=args.device,
+            restart=args.restart,
         )
         print(f"latent cache: {cache.index}")
     elif args.command == "tiny-encoders":

@@ -10,7 +10,9 @@ A batch is ``{"latent": B×C×t×h×w float32 (not normalised), "text_tokens": B
 prompt), "text_mask": B×L bool, "image_tokens": B×M×D' float32 (of frame 0), "caption": list[str],
 "is_image": bool B, "meta": dict}``; its samples share one bucket, so a batch is all stills (t = 1) or all clips.
 After ``setup`` both expose ``latent_stats`` (``LatentStats``, the per-channel mean / std the DiT normalises
-with) and ``empty_text`` (tokens ``1×L×D``, mask ``1×L``: the empty prompt, what CFG dropout substitutes).
+with), ``latent_space`` (``LatentSpace``: which FSAE encoder and condition encoders made the data; the DiT
+refuses data of another one) and ``empty_text`` (tokens ``1×L×D``, mask ``1×L``: the empty prompt, what CFG
+dropout substitutes).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from datamodules.latent_cache import (
     LatentCache,
     LatentSample,
+    LatentSpace,
     LatentStats,
     check_same_latent_space,
     pad_text,
@@ -129,6 +132,7 @@ class LatentDataModule(StreamDataModule):
         self.caches: dict[str, LatentCache] = {}
         self.latent_stats: LatentStats | None = None
         self.empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.latent_space: LatentSpace | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.caches:
@@ -140,6 +144,7 @@ class LatentDataModule(StreamDataModule):
         train = self.caches["train"]
         self.latent_stats = train.stats
         self.empty_text = train.empty_text() if train.has_conditions else None
+        self.latent_space = train.latent_space
 
     def _loader(self, stage: str, batches: int) -> TrackingLoader:
         self.setup()
@@ -188,6 +193,7 @@ class EncodingVideoDataModule(VideoDataModule):
         self.encoder: LatentEncoder | None = None
         self.latent_stats: LatentStats | None = None
         self.empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.latent_space: LatentSpace | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is not None:
@@ -201,6 +207,7 @@ class EncodingVideoDataModule(VideoDataModule):
                 f"{self.encoders.autoencoder} makes {channels}; use statistics of this FSAE's latents."
             )
         self.encoder, self.latent_stats, self.empty_text = encoder, stats, encoder.empty_text()
+        self.latent_space = LatentSpace.of(self.encoders, encoder)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Replaces ``video`` by the encoded ``latent`` and condition tokens, on the batch's device."""

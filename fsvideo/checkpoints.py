@@ -26,12 +26,15 @@ Network = TypeVar("Network", bound=nn.Module)
 def safe_torch_load(
     path: str | os.PathLike, map_location: Any = "cpu", expected: str = "a checkpoint"
 ) -> Any:
-    """``torch.load(weights_only=True)`` with an error that names the file and what was expected."""
+    """``torch.load(weights_only=True)`` with an error that names the file and what was expected.
+
+    The file is memory-mapped: tensors are read from disk when used, so taking a few tensors (or one shard
+    of each) out of a large checkpoint does not read all of it into memory."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; expected {expected}. Check the path in your config.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as error:
         raise ValueError(
             f"{path} could not be read as {expected} ({type(error).__name__}: {str(error).splitlines()[0]}). "
@@ -51,11 +54,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return checkpoint.get("state_dict", checkpoint)
 
 
-def load_module_weights(module: nn.Module, path: str | Path, prefix: str) -> str:
-    """Load ``module`` from the ``{prefix}_ema.*`` weights of a checkpoint, else ``{prefix}.*``.
-
-    Returns which of the two was used. Shapes must match exactly: a mismatch names the tensors
-    and the config field to fix.
+def pick_module_weights(
+    module: nn.Module, path: str | Path, prefix: str
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The ``{prefix}_ema.*`` weights of a checkpoint, else its ``{prefix}.*`` ones, renamed to ``module``'s
+    names, and which of the two prefixes was used. Shapes must match exactly (a sharded module compares
+    its global shapes): a mismatch names the tensors and the config field to fix.
     """
     state = read_state_dict(path)
     for source in (f"{prefix}_ema.", f"{prefix}."):
@@ -77,8 +81,14 @@ def load_module_weights(module: nn.Module, path: str | Path, prefix: str) -> str
             f"{missing[:5]}, unexpected {unexpected[:5]}. The architecture in the config must equal the one "
             "the checkpoint was trained with (compare with the config.yaml saved beside it)."
         )
+    return picked, source.rstrip(".")
+
+
+def load_module_weights(module: nn.Module, path: str | Path, prefix: str) -> str:
+    """Load ``module`` from a checkpoint as ``pick_module_weights`` chooses; returns the prefix used."""
+    picked, source = pick_module_weights(module, path, prefix)
     module.load_state_dict(picked)
-    return source.rstrip(".")
+    return source
 
 
 def find_run_files(path: str | Path) -> tuple[Path, Path]:

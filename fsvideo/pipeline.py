@@ -67,13 +67,12 @@ from fsvideo.checkpoints import find_run_files, load_network_from_run
 from fsvideo.dit import DiT, DiTConfig, build_i2v_condition
 from fsvideo.encoders import ImageEncoder, TextEncoder
 from fsvideo.flow import SAMPLERS, StepCallback, classifier_free_guidance, resolution_shift, sample
+from fsvideo.latent_space import check_fsae_for_dit
 from fsvideo.video_io import to_uint8_frames
 
 RESIZE_MODES = ("error", "resize", "crop")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "bf16-mixed", "fp32")
 _HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
 # ---- settings --------------------------------------------------------------------------------------------
 
 
@@ -149,8 +148,9 @@ class PipelineConfig:
     offload: bool = False
     """Keep every network on the CPU and move only the one in use to the device (less memory, slower)."""
     precision: str = "auto"
-    """"bf16" (DiT and encoders in bfloat16 under autocast; the FSAE stays float32), "fp32", or "auto"
-    (bf16 on CUDA, fp32 on CPU)."""
+    """"bf16" (DiT and encoders cast to bfloat16, run under autocast; the FSAE stays float32), "bf16-mixed"
+    (autocast only, the weights keep their dtype: how in-training samples run on a training module's weights),
+    "fp32", or "auto" (bf16 on CUDA, fp32 on CPU)."""
     tiling: TilingConfig | None = None
     """Temporal splitting / 3D tiling of the FSAE decoder to bound memory; None decodes in one pass."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -494,6 +494,7 @@ class FSVideoPipeline:
             config.autoencoder, "autoencoder", lambda fields: FSAE(FSAEConfig(**fields))
         )
         dit = load_network_from_run(config.dit, "dit", lambda fields: DiT(DiTConfig(**fields)))
+        check_fsae_for_dit(config.dit, autoencoder, config.text_len)  # before the slow encoder loads
         latent_mean, latent_std = read_latent_stats(config.dit)
         text_encoder = TextEncoder.from_pretrained(config.text_encoder, text_len=config.text_len)
         image_encoder = ImageEncoder.from_pretrained(config.image_encoder) if config.image_encoder else None
@@ -513,7 +514,7 @@ class FSVideoPipeline:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.precision == "bf16" else None
+        return torch.bfloat16 if self.precision.startswith("bf16") else None
 
     @contextmanager
     def _on_device(self, network: nn.Module) -> Iterator[None]:
@@ -597,7 +598,9 @@ class FSVideoPipeline:
         timings: dict[str, float] = {}
         mean = self.latent_mean.to(self.device).view(1, -1, 1, 1, 1)
         std = self.latent_std.to(self.device).view(1, -1, 1, 1, 1)
-        autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        autocast = dict(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None
+        )
 
         # 1. image → first-frame latent and features; 2. prompts and image → tokens
         with self._timed("encode", timings):

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_modules.ema import update_ema
 
@@ -86,6 +87,8 @@ class TrainingStage(L.LightningModule):
         grad_norm = torch.nn.utils.clip_grad_norm_(
             parameters, grad_clip_norm if grad_clip_norm is not None else math.inf
         )
+        if isinstance(grad_norm, DTensor):  # parameters sharded with FSDP2: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
         if not finite:
             optimizer.zero_grad(set_to_none=True)

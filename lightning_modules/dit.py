@@ -17,11 +17,17 @@ Classifier-free guidance: per sample, the text is replaced by the empty prompt's
 by zeros, independently (``fsvideo.encoders.drop_conditions``), as the sampler's unconditional branch does.
 Validation: the EMA weights' loss at fixed σ values with noise from a seeded generator, so curves compare
 across steps and runs, plus the Figure 6 router heatmap of the first batch (``val_router_heatmap``).
+
+Latent space: checkpoints record the ``LatentSpace`` of the data the DiT trained on (FSAE encoder, text and
+image encoders, text length; ``checkpoint["latent_space"]``). Training on data of another latent space is
+refused, both from an ``init_from`` checkpoint and when resuming (``--ckpt_path``); a checkpoint without the
+record (converted Wan2.1 weights, older runs) is accepted with a warning.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +36,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import fully_shard
 
-from datamodules.latent_cache import LatentStats
-from fsvideo.checkpoints import load_module_weights
+from datamodules.latent_cache import LatentSpace, LatentStats
+from fsvideo.checkpoints import load_module_weights, pick_module_weights
 from fsvideo.dit import DiT, DiTConfig, build_i2v_condition, router_heatmap
 from fsvideo.encoders import drop_conditions
 from fsvideo.flow import (
@@ -43,6 +51,7 @@ from fsvideo.flow import (
     shift_sigma,
     velocity_target,
 )
+from fsvideo.latent_space import LATENT_SPACE_KEY, read_latent_space_record
 from lightning_modules.base import OptimizerConfig, TrainingStage
 from lightning_modules.ema import make_ema_twin
 
@@ -64,6 +73,12 @@ def latent_stats_of_checkpoint(path: str | Path) -> LatentStats | None:
     if mean is None or std is None or torch.isnan(mean).any():
         return None
     return LatentStats(mean.tolist(), std.tolist(), elements_per_channel=0)
+
+
+def latent_space_of_checkpoint(path: str | Path) -> LatentSpace | None:
+    """The latent space a DiT checkpoint records, or None when it records none (converted weights, old runs)."""
+    record = read_latent_space_record(path)
+    return None if record is None else LatentSpace.from_record(record, f"checkpoint {path}")
 
 
 @dataclass
@@ -124,6 +139,11 @@ class DiTModule(TrainingStage):
         init_from: checkpoint of the previous stage (EMA weights preferred when present).
         val_sigmas: noise levels at which validation measures the loss.
         val_seed: seed of the validation noise (the generator of batch i is seeded with ``val_seed + i``).
+        fsdp: shard the DiT and its EMA twin with FSDP2 (``fully_shard`` per block, then the whole network)
+            over every rank; needs ``trainer.strategy: lightning.pytorch.strategies.ModelParallelStrategy``
+            (``tensor_parallel_size: 1``). Both networks are then built on the meta device and materialised
+            shard by shard in ``configure_model``, and ``init_from`` is read memory-mapped, each rank taking its
+            shard, so no process ever holds a whole copy of a 14B model.
         ema_decay: decay of the EMA weights used for validation and export; 0 disables EMA.
         max_nonfinite_in_row: stop after this many consecutive non-finite steps.
     """
@@ -139,6 +159,7 @@ class DiTModule(TrainingStage):
         init_from: str | None = None,
         val_sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
         val_seed: int = 0,
+        fsdp: bool = False,
         ema_decay: float = 0.999,
         max_nonfinite_in_row: int = 20,
     ) -> None:
@@ -156,23 +177,86 @@ class DiTModule(TrainingStage):
         self.val_sigmas = tuple(val_sigmas)
         self.val_seed = val_seed
 
-        self.dit = DiT(dit)
+        self.fsdp = fsdp
+        self.init_from = init_from
+        with torch.device("meta") if fsdp else nullcontext():
+            self.dit = DiT(dit)
         channels = dit.latent_channels
         self.register_buffer("latent_mean", torch.full((channels,), math.nan))
         self.register_buffer("latent_std", torch.full((channels,), math.nan))
         self.register_buffer("empty_text_tokens", None, persistent=False)
         self.register_buffer("empty_text_mask", None, persistent=False)
         if init_from is not None:
-            load_module_weights(self.dit, init_from, prefix="dit")
+            if not fsdp:  # sharded networks load in configure_model, once they exist
+                load_module_weights(self.dit, init_from, prefix="dit")
             inherited = latent_stats_of_checkpoint(init_from)
             if inherited is not None:
                 self.set_latent_stats(inherited)
+        self.init_latent_space = None if init_from is None else latent_space_of_checkpoint(init_from)
+        self.latent_space = self.init_latent_space
+        """The latent space of the training data, recorded in checkpoints (None while unknown)."""
         self.dit_ema = make_ema_twin(self.dit) if ema_decay > 0 else None
         self.val_router_heatmap: torch.Tensor | None = None
 
+    def configure_model(self) -> None:
+        """With ``fsdp``: shard, materialise and initialise the DiT and its EMA twin (Lightning calls this on
+        every rank once the device mesh exists; a second call finds them done)."""
+        if not self.fsdp or not any(p.is_meta for p in self.dit.parameters()):
+            return
+        mesh = self.device_mesh
+        if mesh is None:
+            raise ValueError(
+                "model.init_args.fsdp: true needs trainer.strategy: "
+                "lightning.pytorch.strategies.ModelParallelStrategy (tensor_parallel_size: 1), or fsdp: false."
+            )
+        if mesh.ndim > 1:  # ModelParallelStrategy's (data_parallel, tensor_parallel) mesh
+            if mesh["tensor_parallel"].size() != 1:
+                raise ValueError(
+                    f"fsdp shards over data-parallel ranks only, but the mesh is {tuple(mesh.shape)} "
+                    f"{mesh.mesh_dim_names}; set trainer.strategy.init_args.tensor_parallel_size: 1 and "
+                    "data_parallel_size to the number of GPUs."
+                )
+            mesh = mesh["data_parallel"]
+        device = self.trainer.strategy.root_device
+        networks = [self.dit] + ([self.dit_ema] if self.dit_ema is not None else [])
+        for network in networks:
+            for block in network.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(network, mesh=mesh)
+            network.to_empty(device=device)
+        if self.init_from is not None:
+            weights, _ = pick_module_weights(self.dit, self.init_from, prefix="dit")
+            set_model_state_dict(self.dit, weights, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.dit.init_weights()
+        if self.dit_ema is not None:
+            with torch.no_grad():
+                for ema, own in zip(self.dit_ema.parameters(), self.dit.parameters()):
+                    ema.copy_(own)
+
     # ---- inputs ------------------------------------------------------------------------------------------
 
+    def _data_latent_space(self) -> LatentSpace | None:
+        """The DataModule's ``latent_space`` (set by its ``setup``), or None when it offers none."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        return getattr(datamodule, "latent_space", None)
+
     def setup(self, stage: str) -> None:
+        data_space = self._data_latent_space()
+        if data_space is not None:
+            if self.init_latent_space is not None:
+                self.init_latent_space.check_same(
+                    data_space,
+                    fix="the DiT of model.init_args.init_from would train on latents it cannot read. Encode the "
+                    "data with the FSAE run and text / image encoders (and --text-len) the init_from checkpoint "
+                    "was trained with, or start from a checkpoint trained in this data's latent space.",
+                )
+            elif self.init_from is not None:
+                rank_zero_warn(
+                    f"init_from {self.init_from} records no latent space (converted weights or an older run), so "
+                    f"whether it was trained on latents like those of {data_space.source} is not checked."
+                )
+            self.latent_space = data_space
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         offered = getattr(datamodule, "latent_stats", None)
         if self.latent_stats_path is not None:
@@ -195,6 +279,32 @@ class DiTModule(TrainingStage):
         empty_text = getattr(datamodule, "empty_text", None)
         if empty_text is not None:
             self.set_empty_text(*empty_text)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.latent_space is not None:
+            checkpoint[LATENT_SPACE_KEY] = self.latent_space.record()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming (called after ``setup``): the checkpoint's latent space must be the data's."""
+        super().on_load_checkpoint(checkpoint)
+        path = getattr(self._trainer, "ckpt_path", None) or "being loaded"
+        record = checkpoint.get(LATENT_SPACE_KEY)
+        recorded = None if record is None else LatentSpace.from_record(record, f"checkpoint {path}")
+        data_space = self._data_latent_space()
+        if data_space is None:
+            self.latent_space = recorded or self.latent_space
+        elif recorded is None:
+            rank_zero_warn(
+                f"checkpoint {path} records no latent space (an older run), so whether it was trained on latents "
+                f"like those of {data_space.source} is not checked."
+            )
+        else:
+            recorded.check_same(
+                data_space,
+                fix="resume on the data this run was trained on, or encode this data with the FSAE run and "
+                "text / image encoders (and --text-len) the checkpoint was trained with.",
+            )
 
     def set_latent_stats(self, stats: LatentStats) -> None:
         if stats.channels != self.dit.config.latent_channels:

@@ -96,14 +96,20 @@ def test_stats_are_the_per_channel_moments_of_the_cache(made):
 
 def test_fingerprint_describes_the_cache_and_refuses_a_different_one(made, tmp_path):
     fingerprint = made.train.fingerprint
-    assert fingerprint["latent_space"]["autoencoder"]["config"]["latent_channels"] == 8
-    assert len(fingerprint["latent_space"]["text_encoder"]["sha256"]) == 64
+    space = fingerprint["latent_space"]
+    assert space["autoencoder"]["latent_channels"] == 8 and space["autoencoder"]["spatial_compression"] == 64
+    assert len(space["autoencoder"]["encoder_sha256"]) == 64 and len(space["text_encoder"]["sha256"]) == 64
+    assert "decoder_depths" not in space["autoencoder"]  # the decoder does not shape the latent
+    assert fingerprint["encoders"]["autoencoder"]["config"]["decoder_depths"] == list(
+        SMALL_FSAE.decoder_depths
+    )
+    assert made.train.latent_space == made.val.latent_space
     assert fingerprint["clips"]["num_frames"] == 5 and fingerprint["clips"]["buckets"]["size"] == 128
 
     other = write_fsae_run(tmp_path / "other-fsae", seed=1)
     out = tmp_path / "cache"
     encode_shards(other, made.shard, out, **ARGS)  # latents only
-    again = encode_shards(other, made.shard, out, **ARGS)  # same fingerprint: replaced
+    again = encode_shards(other, made.shard, out, **ARGS)  # same fingerprint, complete: kept
     assert again.index["samples"] == made.train.index["samples"] and not again.has_conditions
     with pytest.raises(ValueError, match="made differently"):
         encode_shards(made.fsae, made.shard, out, **ARGS)
@@ -117,7 +123,7 @@ def test_fingerprint_describes_the_cache_and_refuses_a_different_one(made, tmp_p
         LatentCache.open(tmp_path / "nowhere")
     # a validation cache from another FSAE cannot be used with this training cache
     module = LatentDataModule(str(made.train.root), str(out))
-    with pytest.raises(ValueError, match="different encoders"):
+    with pytest.raises(ValueError, match=r"different latent spaces \(\['autoencoder.encoder_sha256'"):
         module.setup("fit")
 
 
