@@ -4,7 +4,6 @@ module's modes and the global random states alone, and autocasts without touchin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fsae_runs import write_fsae_run
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks.dit_samples import DiTSamples, read_held_out_clips
@@ -27,7 +27,6 @@ from datamodules.buckets import BucketConfig
 from datamodules.latent_cache import LatentCache, encode_shards
 from datamodules.latent_encoder import EncoderPaths
 from datamodules.latents import LatentDataModule
-from fsvideo.ae import FSAE, FSAEConfig
 from fsvideo.dit import DiTConfig
 from lightning_modules.dit import DiTModule
 
@@ -41,21 +40,6 @@ SAMPLE_ARGS = {
     "steps": STEPS,
     "fps": 8.0,
 }
-
-
-def write_fsae_run(run_dir: Path) -> Path:
-    """A random FSAE run directory as ``fsvideo fit`` leaves it (config.yaml + checkpoints/last.ckpt)."""
-    config = FSAEConfig.tiny(latent_channels=8, widths=(4, 8, 16, 16, 32, 32, 32))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        autoencoder = FSAE(config)
-        autoencoder.init_weights()
-    (run_dir / "checkpoints").mkdir(parents=True)
-    state = {f"autoencoder.{k}": v for k, v in autoencoder.state_dict().items()}
-    torch.save({"state_dict": state}, run_dir / "checkpoints" / "last.ckpt")
-    fields = json.loads(json.dumps(dataclasses.asdict(config)))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"autoencoder": fields}}}))
-    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from fsae_runs import SMALL_FSAE, write_fsae_run
 
 from datamodules.buckets import BucketConfig
 from datamodules.latent_cache import LatentCache, encode_shards, read_cache_samples
@@ -20,27 +19,10 @@ from datamodules.pipeline import normalize_video
 from datamodules.samples import SampleDecoder
 from datamodules.shards import read_shard
 from datamodules.skips import SkipCounter
-from fsvideo.ae import FSAE, FSAEConfig
 from fsvideo.encoders import save_tiny_encoders
 
-SMALL_FSAE = FSAEConfig.tiny(latent_channels=8, widths=(4, 8, 16, 16, 32, 32, 32))
 BUCKETS = BucketConfig(size=128)
 ARGS = {"text_len": 16, "buckets": BUCKETS, "num_frames": 5, "batch_size": 3}
-
-
-def write_fsae_run(run_dir: Path, seed: int) -> Path:
-    """An FSAE run directory as ``fsvideo fit`` leaves it (config.yaml + checkpoints/last.ckpt)."""
-    torch.manual_seed(seed)
-    autoencoder = FSAE(SMALL_FSAE)
-    autoencoder.init_weights()
-    (run_dir / "checkpoints").mkdir(parents=True)
-    torch.save(
-        {"state_dict": {f"autoencoder.{k}": v for k, v in autoencoder.state_dict().items()}},
-        run_dir / "checkpoints" / "last.ckpt",
-    )
-    fields = dataclasses.asdict(SMALL_FSAE)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"autoencoder": fields}}}))
-    return run_dir
 
 
 @pytest.fixture(scope="module")

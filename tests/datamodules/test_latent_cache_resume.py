@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import pytest
 import torch
+from fsae_runs import write_fsae_run
 from synthetic_media import caption, mp4, write_tar
-from test_latent_cache import write_fsae_run
 
 from datamodules.buckets import BucketConfig
 from datamodules.commands import data_main

@@ -10,36 +10,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
-from test_latent_cache import SMALL_FSAE, write_fsae_run
+from fsae_runs import SMALL_FSAE, write_fsae_run
 
-from callbacks.id_report import load_autoencoder_from_run
 from cli import FSVideoCLI
 from datamodules.buckets import BucketConfig
 from datamodules.latent_cache import encode_shards
 from datamodules.latent_encoder import EncoderPaths
 from datamodules.latents import EncodingVideoDataModule
-from fsvideo.ae import FSAE
 from fsvideo.pipeline import FSVideoPipeline, PipelineConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ARGS = {"text_len": 16, "buckets": BucketConfig(size=64), "num_frames": 5, "batch_size": 4}
-
-
-def write_standard_decoder_run(run_dir: Path, base_run: Path) -> Path:
-    """An FSAE-Standard run finetuned from ``base_run``: its frozen encoder, a new decoder (§2.2.3)."""
-    base = load_autoencoder_from_run(base_run)
-    config = SMALL_FSAE.with_decoder_variant("standard")
-    torch.manual_seed(7)
-    autoencoder = FSAE(config)
-    autoencoder.init_weights()
-    autoencoder.encoder.load_state_dict(base.encoder.state_dict())
-    (run_dir / "checkpoints").mkdir(parents=True)
-    state = {f"autoencoder.{k}": v for k, v in autoencoder.state_dict().items()}
-    torch.save({"state_dict": state}, run_dir / "checkpoints" / "last.ckpt")
-    fields = dataclasses.asdict(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"autoencoder": fields}}}))
-    return run_dir
 
 
 def fit(run_dir: Path, train_cache: Path, *extra: str) -> FSVideoCLI:
@@ -70,7 +51,9 @@ def fit(run_dir: Path, train_cache: Path, *extra: str) -> FSVideoCLI:
 def made(sample_shards, tiny_encoders, tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("latent_space")
     fsae = write_fsae_run(root / "fsae", seed=0)
-    standard = write_standard_decoder_run(root / "standard", fsae)
+    standard = write_fsae_run(
+        root / "standard", SMALL_FSAE.with_decoder_variant("standard"), 7, encoder_of=fsae
+    )
     other = write_fsae_run(root / "other", seed=1)
     conditions = {"text_encoder": tiny_encoders["text"], "image_encoder": tiny_encoders["image"]}
     first, second = (str(sample_shards.root / f"train-00000{i}.tar") for i in (0, 1))

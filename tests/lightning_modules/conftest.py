@@ -3,36 +3,16 @@ sample shards encoded with them (once per session)."""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-import yaml
+from fsae_runs import write_fsae_run
 
 from datamodules.buckets import BucketConfig
 from datamodules.latent_cache import encode_shards
-from fsvideo.ae import FSAE, FSAEConfig
 
-TEST_FSAE = FSAEConfig.tiny(latent_channels=8, widths=(4, 8, 16, 16, 32, 32, 32))
-"""Narrower than the tiny preset so that encoding the sample clips takes seconds; 8 latent channels as
-``DiTConfig.tiny()``."""
 TEXT_LEN = 16
 CACHE_ARGS = {"text_len": TEXT_LEN, "buckets": BucketConfig(size=64), "num_frames": 5, "batch_size": 4}
-
-
-def write_fsae_run(run_dir: Path, config: FSAEConfig, seed: int = 0) -> Path:
-    """A run directory as ``fsvideo fit`` leaves it for an FSAE (config.yaml + checkpoints/last.ckpt)."""
-    torch.manual_seed(seed)
-    autoencoder = FSAE(config)
-    autoencoder.init_weights()
-    (run_dir / "checkpoints").mkdir(parents=True)
-    state = {f"autoencoder.{k}": v for k, v in autoencoder.state_dict().items()}
-    torch.save({"state_dict": state}, run_dir / "checkpoints" / "last.ckpt")
-    fields = dataclasses.asdict(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"autoencoder": fields}}}))
-    return run_dir
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +20,7 @@ def tiny_latents(sample_shards, tiny_encoders, tmp_path_factory) -> SimpleNamesp
     """``.train`` / ``.val``: latent caches (one training shard, the validation shard) of the sample data at
     bucket size 64 (one 64×64 bucket: latents 1×1 per frame) and 5 frames; ``.fsae_run`` and ``.encoders`` (``save_tiny_encoders`` paths) made them."""
     root = tmp_path_factory.mktemp("dit_latents")
-    fsae_run = write_fsae_run(root / "fsae", TEST_FSAE)
+    fsae_run = write_fsae_run(root / "fsae")
     encoders = tiny_encoders
     train_shard = str(sample_shards.root / "train-000000.tar")
     conditions = {"text_encoder": encoders["text"], "image_encoder": encoders["image"]}

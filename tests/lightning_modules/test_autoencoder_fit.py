@@ -53,7 +53,9 @@ def test_fit_writes_checkpoint_config_and_resumes(sample_shards, tmp_path, monke
     resumed = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    assert {path.name.rsplit("-", 1)[1] for path in wandb_runs} == {run_id}, "the resume continues the wandb run"
+    assert {path.name.rsplit("-", 1)[1] for path in wandb_runs} == {run_id}, (
+        "the resume continues the wandb run"
+    )
     assert resumed["global_step"] == 4
     weights_changed = [
         not torch.equal(resumed["state_dict"][k], first["state_dict"][k])
