@@ -5,7 +5,9 @@ Both naming schemes are accepted: the original repository's (``blocks.N.self_att
 …) and diffusers' ``WanTransformer3DModel`` (``blocks.N.attn1.to_q``, ``attn2.add_k_proj``,
 ``ffn.net.0.proj``, ``scale_shift_table``, ``proj_out``, ``condition_embedder.time_embedder.linear_1`` …).
 Note the original calls the cross-attention norm ``norm3`` and the FFN norm ``norm2``; diffusers
-swaps them. Layer Memory routers do not exist in Wan: they are reported as new and keep the
+swaps them. Wan keeps keys and values in two Linears; ours stacks them in one (``to_kv``, ``to_kv_img``:
+the key rows first), so those weights are concatenated copies, every other tensor is passed through
+as it is. Layer Memory routers do not exist in Wan: they are reported as new and keep the
 plain-DiT initialisation, so the converted model reproduces Wan up to ``residual_weight``.
 
 Timesteps: Wan takes ``t = σ·1000``; our DiT takes σ and scales by ``timestep_scale`` (1000).
@@ -27,7 +29,8 @@ import torch
 
 from fsvideo.dit import DiT, DiTConfig
 
-# Per-block names (after "blocks.N."); values are our names.
+# Per-block names (after "blocks.N."); values are our names, but for the key / value projections
+# (``to_k``, ``to_v``, ``to_k_img``, ``to_v_img``), which are then stacked by ``_KV_HALF``.
 _BLOCK_ORIGINAL = {
     "modulation": "modulation",
     "self_attn.q": "self_attn.to_q",
@@ -100,6 +103,8 @@ _TOP_DIFFUSERS = {
 }
 # diffusers lists these as unexpected-but-harmless keys of older exports.
 _IGNORED = re.compile(r"blocks\.\d+\.attn2\.norm_added_q\.\w+")
+# After renaming, Wan's separate key / value projections, which ours stacks into one Linear.
+_KV_HALF = re.compile(r"(blocks\.\d+\.(?:self|cross)_attn)\.to_([kv])(_img)?\.(weight|bias)")
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 _PARAM_SUFFIXES = ("weight", "bias")
 
@@ -162,7 +167,7 @@ def convert_wan_state_dict(
         (_TOP_DIFFUSERS, _BLOCK_DIFFUSERS) if naming == "diffusers" else (_TOP_ORIGINAL, _BLOCK_ORIGINAL)
     )
     report = ConversionReport(naming=naming)
-    converted, unknown = {}, []
+    converted, halves, unknown = {}, {}, []
     for key, tensor in state_dict.items():
         if _IGNORED.fullmatch(key):
             report.ignored.append(key)
@@ -171,12 +176,23 @@ def convert_wan_state_dict(
         if target is None:
             unknown.append(key)
             continue
-        converted[target] = tensor
+        half = _KV_HALF.fullmatch(target)
+        if half is None:
+            converted[target] = tensor
+        else:
+            target = f"{half[1]}.to_kv{half[3] or ''}.{half[4]}"
+            halves.setdefault(target, {})[half[2]] = tensor
         report.mapped.append((key, target))
     if unknown:
         raise ValueError(
             f"{len(unknown)} keys of the {naming} Wan checkpoint have no mapping: {unknown[:10]}"
         )
+    for target, parts in halves.items():
+        if parts.keys() != {"k", "v"}:
+            raise ValueError(
+                f"{target} stacks a key and a value projection; the checkpoint has only '{''.join(parts)}'"
+            )
+        converted[target] = torch.cat([parts["k"], parts["v"]])
     return converted, report
 
 
@@ -195,7 +211,8 @@ def load_wan_i2v(
     """
     config = DiTConfig.wan_i2v_14b() if config is None else config
     converted, report = convert_wan_state_dict(state_dict)
-    # Built on the meta device and filled by assignment: a 14B checkpoint is never held twice.
+    # Built on the meta device and filled by assignment: besides the stacked key / value weights,
+    # nothing of a 14B checkpoint is held twice.
     with torch.device("meta"):
         model = DiT(config)
     expected = model.state_dict()

@@ -1,8 +1,11 @@
 """Self- and cross-attention of the Wan2.1 I2V block; the kernel is ``fsvideo.attention.attention``.
 
+Keys and values share one ``Linear(dim → 2·dim)`` (``to_kv``: Wan's k weight stacked on its v
+weight, see ``fsvideo.convert.wan``): one matmul instead of two, forward and backward.
+
 Public API:
     SelfAttention(dim, num_heads, qk_norm, eps)
-        forward(x, cos, sin, kv_source=None) -> ``B×N×dim``; keys/values from ``kv_source`` when
+        forward(x, rotations, kv_source=None) -> ``B×N×dim``; keys/values from ``kv_source`` when
         given (Layer Memory), else from ``x``.
     CrossAttention(dim, num_heads, qk_norm, eps, image_branch)
         forward(x, text, text_mask=None, image=None) -> ``B×N×dim``; text and image results summed.
@@ -35,25 +38,20 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(dim, 2 * dim)
         self.to_out = nn.Linear(dim, dim)
         self.norm_q = _norm(dim, qk_norm, eps)
         self.norm_k = _norm(dim, qk_norm, eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_source: torch.Tensor | None = None,
+        self, x: torch.Tensor, rotations: torch.Tensor, kv_source: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x, kv_source: ``B×N×dim``; cos, sin: ``N×head_dim/2``."""
-        kv_source = x if kv_source is None else kv_source
-        q = _split_heads(self.norm_q(self.to_q(x)), self.num_heads)
-        k = _split_heads(self.norm_k(self.to_k(kv_source)), self.num_heads)
-        v = _split_heads(self.to_v(kv_source), self.num_heads)
-        out = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        """x, kv_source: ``B×N×dim``; rotations: ``N×head_dim/2`` complex (``rope_rotations``)."""
+        q = apply_rope(self.norm_q(self.to_q(x)), rotations)
+        k, v = self.to_kv(x if kv_source is None else kv_source).chunk(2, dim=-1)
+        k = apply_rope(self.norm_k(k), rotations)
+        heads = self.num_heads
+        out = attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads))
         return self.to_out(_merge_heads(out))
 
 
@@ -64,15 +62,13 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(dim, 2 * dim)
         self.to_out = nn.Linear(dim, dim)
         self.norm_q = _norm(dim, qk_norm, eps)
         self.norm_k = _norm(dim, qk_norm, eps)
         self.image_branch = image_branch
         if image_branch:
-            self.to_k_img = nn.Linear(dim, dim)
-            self.to_v_img = nn.Linear(dim, dim)
+            self.to_kv_img = nn.Linear(dim, 2 * dim)
             self.norm_k_img = _norm(dim, qk_norm, eps)
 
     def forward(
@@ -84,13 +80,12 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         """x: ``B×N×dim``; text: ``B×L×dim`` (embedded); text_mask: ``B×L`` bool (True = attend);
         image: ``B×M×dim`` (embedded), required exactly when the image branch exists."""
-        q = _split_heads(self.norm_q(self.to_q(x)), self.num_heads)
-        k = _split_heads(self.norm_k(self.to_k(text)), self.num_heads)
-        v = _split_heads(self.to_v(text), self.num_heads)
+        heads = self.num_heads
+        q = _split_heads(self.norm_q(self.to_q(x)), heads)
+        k, v = self.to_kv(text).chunk(2, dim=-1)
         mask = None if text_mask is None else text_mask[:, None, None, :]  # (B, 1, 1, L)
-        out = attention(q, k, v, attn_mask=mask)
+        out = attention(q, _split_heads(self.norm_k(k), heads), _split_heads(v, heads), attn_mask=mask)
         if self.image_branch:
-            k_img = _split_heads(self.norm_k_img(self.to_k_img(image)), self.num_heads)
-            v_img = _split_heads(self.to_v_img(image), self.num_heads)
-            out = out + attention(q, k_img, v_img)
+            k_img, v_img = self.to_kv_img(image).chunk(2, dim=-1)
+            out = out + attention(q, _split_heads(self.norm_k_img(k_img), heads), _split_heads(v_img, heads))
         return self.to_out(_merge_heads(out))

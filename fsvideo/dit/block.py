@@ -7,12 +7,13 @@
 
 Shift/scale/gate come from a learned ``1×6×dim`` table added to the projected time embedding.
 Norms and the modulation run in float32 (as in Wan); the residual stream keeps the input dtype.
+Modulation and gated residuals are one ``addcmul`` each (Wan: a multiply, then an add).
 
 Public API:
     FeedForward(dim, hidden_dim)
     DiTBlock(config, layer_index)      layer_index is 1-based; blocks with index ≥ 2 get a router
-        forward(x, time_modulation, text, text_mask, image, cos, sin, history=None)
-            -> (x ``B×N×dim``, router maxima ``B×l`` over tokens or None)
+        forward(x, time_modulation, text, text_mask, image, rotations, history=None, return_router_max=False)
+            -> (x ``B×N×dim``, router maxima ``B×l`` over tokens, or None unless asked and routed)
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from fsvideo.dit.norms import FP32LayerNorm
 
 def _modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """``norm(h)·(1 + scale) + shift`` in float32; h ``B×N×dim``, shift / scale ``B×dim``."""
-    return (norm(h.float()) * (1 + scale[:, None]) + shift[:, None]).type_as(h)
+    return torch.addcmul(shift[:, None], norm(h.float()), 1 + scale[:, None]).type_as(h)
+
+
+def _gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + update·gate`` computed in float32 (type promotion, no upcast copies); x, update ``B×N×dim``,
+    gate ``B×dim`` float32."""
+    return torch.addcmul(x, update, gate[:, None]).type_as(x)
 
 
 class FeedForward(nn.Module):
@@ -70,9 +77,9 @@ class DiTBlock(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None,
         image: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotations: torch.Tensor,
         history: list[torch.Tensor] | None = None,
+        return_router_max: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
@@ -80,8 +87,9 @@ class DiTBlock(nn.Module):
             time_modulation: ``B×6×dim`` float32 projected time embedding.
             text: ``B×L×dim`` embedded text tokens; text_mask: ``B×L`` bool or None.
             image: ``B×M×dim`` embedded image tokens, or None without an image branch.
-            cos, sin: ``N×head_dim/2`` RoPE tables.
+            rotations: ``N×head_dim/2`` complex RoPE table (``rope_rotations``).
             history: [X_0 … X_{l−1}] (last is ``x``); required when the block has a router.
+            return_router_max: also return the router's per-source max weight over tokens.
         """
         shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = (
             self.modulation.float() + time_modulation
@@ -95,14 +103,13 @@ class DiTBlock(nn.Module):
                 raise ValueError(f"block {self.layer_index} has a Layer Memory router and needs the history")
             mixture, weights = self.router(x_mod, history)
             kv_source = _modulate(mixture, shift_attn, scale_attn, self.norm_attn)
-            router_max = weights.detach().amax(dim=1)  # (B, l)
-        attn_out = self.self_attn(x_mod, cos, sin, kv_source)
-        x = (x.float() + attn_out.float() * gate_attn[:, None]).type_as(x)
+            if return_router_max:
+                router_max = weights.detach().amax(dim=1)  # (B, l)
+        x = _gated_residual(x, self.self_attn(x_mod, rotations, kv_source), gate_attn)
 
         # 2. cross-attention to text and image tokens (no modulation, no gate)
         x = x + self.cross_attn(self.norm_cross(x.float()).type_as(x), text, text_mask, image)
 
         # 3. feed-forward
-        ffn_out = self.ffn(_modulate(x, shift_ffn, scale_ffn, self.norm_ffn))
-        x = (x.float() + ffn_out.float() * gate_ffn[:, None]).type_as(x)
+        x = _gated_residual(x, self.ffn(_modulate(x, shift_ffn, scale_ffn, self.norm_ffn)), gate_ffn)
         return x, router_max

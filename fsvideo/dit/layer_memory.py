@@ -9,17 +9,19 @@ Initialisation: weight 0 and bias ``margin`` on X_{l−1} (0 elsewhere), so at i
 older states is (l−1)·e^(−margin) / (1 + (l−1)·e^(−margin)) — see ``residual_weight``; the mixture
 then differs from X_{l−1} by at most that fraction of max_i ‖X_i − X_{l−1}‖.
 
-Memory: the mixture is accumulated source by source (``addcmul``) from the list of hidden states the
-DiT keeps, never by stacking a copy of the history. In training those hidden states are the block
-inputs that backward keeps anyway (and exactly what gradient checkpointing keeps), so Layer Memory
-adds per block only the mixture and its normalised / modulated copies (about 3·B×N×dim) and the
-weights (B×N×l, float32). Without grad (inference), the history itself is the overhead:
+Memory: the mixture is accumulated source by source (in-place ``addcmul_``) from the list of hidden
+states the DiT keeps, never by stacking a copy of the history. In training those hidden states are
+the block inputs that backward keeps anyway (and exactly what gradient checkpointing keeps), so Layer
+Memory adds per block only the mixture and its normalised / modulated copies (about 3·B×N×dim) and
+the weights (B×N×l, float32). Without grad (inference), the history itself is the overhead:
 (L+1)·B×N×dim activations.
 
-Time: the router's matmul is N·dim·l multiply-adds, negligible. The mixture is memory-bound: in
-eager mode each ``addcmul`` reads a source and the running sum and writes a new sum, about
-3·l·B·N·dim element transfers for block l, so O(L²) over the depth (≈ l·B·N·dim once
-``torch.compile`` fuses the loop into one kernel). ``benchmarks/dit.py`` (c) measures it.
+Time: the router's matmul is N·dim·l multiply-adds, negligible. The mixture is memory-bound: each
+``addcmul_`` reads a source and the running sum and writes the sum, about 3·l·B·N·dim element
+transfers for block l, so O(L²) over the depth (≈ l·B·N·dim once ``torch.compile`` fuses the loop).
+Its backward (``_WeightedSum``) is also source by source, with no slice-gradient buffers: per source
+one product ``grad·w_i`` and one per-token dot product ``⟨grad, X_i⟩``. ``benchmarks/dit.py`` (c)
+measures the whole cost.
 
 Public API:
     LayerMemoryRouter(dim, num_sources, init_margin)   holds ``proj = Linear(dim, num_sources)``
@@ -41,6 +43,31 @@ def residual_weight(num_sources: int, margin: float) -> float:
     """Total softmax weight left on the older sources by the initial router."""
     others = (num_sources - 1) * math.exp(-margin)
     return others / (1.0 + others)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``Σ_i weights[..., i]·sources[i]``: weights ``B×N×l``, sources l tensors ``B×N×dim`` (same dtype)."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights, *sources)
+        columns = weights.unsqueeze(-1).unbind(-2)  # l × (B, N, 1)
+        mixture = sources[0] * columns[0]
+        for source, column in zip(sources[1:], columns[1:]):
+            mixture.addcmul_(source, column)
+        return mixture
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weights, *sources = ctx.saved_tensors
+        grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_weights = torch.stack([torch.linalg.vecdot(grad, source) for source in sources], dim=-1)
+        columns = weights.unsqueeze(-1).unbind(-2)
+        grad_sources = [
+            grad * column if needed else None for column, needed in zip(columns, ctx.needs_input_grad[1:])
+        ]
+        return grad_weights, *grad_sources
 
 
 class LayerMemoryRouter(nn.Module):
@@ -71,11 +98,7 @@ class LayerMemoryRouter(nn.Module):
         if len(history) != self.num_sources:
             raise ValueError(f"router expects {self.num_sources} hidden states, got {len(history)}")
         weights = self.proj(x_modulated).float().softmax(dim=-1)
-        w = weights.to(history[0].dtype)
-        mixture = history[0] * w[..., :1]
-        for i in range(1, len(history)):
-            mixture = torch.addcmul(mixture, history[i], w[..., i : i + 1])
-        return mixture, weights
+        return _WeightedSum.apply(weights.to(history[0].dtype), *history), weights
 
 
 def router_heatmap(router_maxima: list[torch.Tensor]) -> torch.Tensor:

@@ -31,7 +31,7 @@ from fsvideo.dit.config import DiTConfig
 from fsvideo.dit.embeddings import ImageEmbedding, TextEmbedding, TimestepEmbedding
 from fsvideo.dit.layer_memory import LayerMemoryRouter
 from fsvideo.dit.norms import FP32LayerNorm
-from fsvideo.dit.rope import rope_angles
+from fsvideo.dit.rope import rope_rotations
 
 
 class DiTHead(nn.Module):
@@ -156,9 +156,9 @@ class DiT(nn.Module):
         pt, ph, pw = cfg.patch_size
         grid = (frames // pt, height // ph, width // pw)
 
-        # 1. patchify and rotary tables
+        # 1. patchify and rotary table
         x = self.patch_embed(latent_in).flatten(2).transpose(1, 2).contiguous()  # (B, N, dim)
-        cos, sin = rope_angles(grid, cfg.head_dim, cfg.rope_theta, x.device)
+        rotations = rope_rotations(grid, cfg.head_dim, cfg.rope_theta, x.device)  # (N, hd/2) complex
 
         # 2. condition embeddings
         time_emb, time_modulation = self.time_embed(sigma * cfg.timestep_scale)
@@ -177,9 +177,9 @@ class DiT(nn.Module):
                 text,
                 text_mask,
                 image,
-                cos,
-                sin,
+                rotations,
                 None if history is None else list(history),
+                return_router_weights,
             )
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, router_max = checkpoint(block, *args, use_reentrant=False)

@@ -4,10 +4,14 @@ The head dim d is split into a time share ``d − 4·⌊d/6⌋`` and height / wi
 each (contiguous, in that order). Inside each share, adjacent channel pairs (0,1), (2,3), … are
 rotated by ``pos · θ^(−2i/share)``.
 
+A pair (even, odd) is the complex number ``even + i·odd`` and a rotation is a product with a unit
+complex number, as in Wan's own code: one elementwise kernel forward and one backward, where the
+real-valued form needs about seven temporaries of the size of ``x``.
+
 Public API:
     rope_axis_dims(head_dim) -> (t, h, w)
-    rope_angles(grid, head_dim, theta, device) -> (cos, sin), each ``N×d/2`` (float32)
-    apply_rope(x, cos, sin) -> x rotated, ``B×heads×N×d``
+    rope_rotations(grid, head_dim, theta, device) -> ``N×d/2`` complex64 unit rotations
+    apply_rope(x, rotations) -> x rotated, ``B×N×dim`` (all heads)
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ def _axis_angles(positions: int, dims: int, theta: float, device: torch.device) 
     return torch.outer(torch.arange(positions, dtype=torch.float64, device=device), inv_freq)
 
 
-def rope_angles(
+def rope_rotations(
     grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cos and sin of the rotation angles for a token grid ``(t, h, w)`` flattened t-major.
+) -> torch.Tensor:
+    """Unit complex rotations ``e^(i·angle)`` for a token grid ``(t, h, w)`` flattened t-major.
 
     Returns:
-        ``(cos, sin)``, each ``N×head_dim/2`` in float32, ``N = t·h·w``.
+        ``N×head_dim/2`` complex64, ``N = t·h·w``; column j rotates the channel pair (2j, 2j+1).
     """
     t, h, w = grid
     dt, dh, dw = rope_axis_dims(head_dim)
@@ -40,12 +44,11 @@ def rope_angles(
     angles_h = _axis_angles(h, dh, theta, device)[None, :, None, :].expand(t, h, w, -1)
     angles_w = _axis_angles(w, dw, theta, device)[None, None, :, :].expand(t, h, w, -1)
     angles = torch.cat([angles_t, angles_h, angles_w], dim=-1).reshape(t * h * w, head_dim // 2)
-    return angles.cos().float(), angles.sin().float()
+    return torch.complex(angles.cos().float(), angles.sin().float())
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of ``x`` (``B×heads×N×d``) by the angles of ``rope_angles``."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, nh, N, d/2, 2)
-    even, odd = pairs.unbind(-1)
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs of every head of ``x`` (``B×N×heads·d``, heads side by side) by
+    ``rotations`` (``N×d/2``, from ``rope_rotations``); computed in float32, returned in x's dtype."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, rotations.shape[-1], 2)))  # (B, N, nh, d/2)
+    return torch.view_as_real(pairs * rotations[:, None]).flatten(2).type_as(x)

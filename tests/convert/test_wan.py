@@ -127,6 +127,9 @@ def test_conversion_rejects_unknown_and_mismatched_weights(wan_and_inputs):
     assert report.ignored == ["blocks.0.attn2.norm_added_q.weight"]
     with pytest.raises(ValueError, match="no mapping"):
         convert_wan_state_dict({**state_dict, "blocks.0.audio_proj.weight": torch.ones(1)})
+    without_v = {k: v for k, v in state_dict.items() if k != "blocks.1.attn2.add_v_proj.bias"}
+    with pytest.raises(ValueError, match="blocks.1.cross_attn.to_kv_img.bias stacks .* only 'k'"):
+        convert_wan_state_dict(without_v)
     with pytest.raises(ValueError, match="not a Wan2.1"):
         convert_wan_state_dict({"foo.weight": torch.ones(1)})
     with pytest.raises(ValueError, match="does not describe"):

@@ -56,6 +56,23 @@ def test_router_weights_are_a_distribution(inputs, randomize):
     torch.testing.assert_close(heatmap[1, :3], maxima[1].mean(0))
 
 
+def test_mixture_gradients_match_the_stacked_reference():
+    router = LayerMemoryRouter(8, 3).double()
+    with torch.no_grad():
+        router.proj.weight.normal_(0, 0.5)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    history = [torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    leaves = [x, *history, router.proj.weight, router.proj.bias]
+    grad = torch.randn(2, 5, 8, dtype=torch.float64)
+    mixture, weights = router(x, history)
+    grads = torch.autograd.grad(mixture, leaves, grad, retain_graph=True)  # weights are reused below
+    reference = torch.einsum("bnl,lbnd->bnd", weights.double(), torch.stack(history))
+    torch.testing.assert_close(mixture, reference)
+    for got, expected in zip(grads, torch.autograd.grad(reference, leaves, grad)):
+        assert expected.abs().max() > 1e-3
+        torch.testing.assert_close(got, expected)
+
+
 def test_init_heatmap_is_diagonal(inputs):
     _, maxima = DiT(DiTConfig.tiny())(*inputs, return_router_weights=True)
     heatmap = router_heatmap(maxima)
