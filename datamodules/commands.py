@@ -75,7 +75,7 @@ def data_main(argv: list[str]) -> None:
         print(f"wrote {dataset.train_samples} training samples to {dataset.train}")
         print(f"wrote {dataset.val_samples} validation samples to {dataset.val}")
     elif args.command == "encode":
-        from datamodules.latent_cache import encode_shards
+        from datamodules.latent_writer import encode_shards
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress and what a resume kept
         cache = encode_shards(

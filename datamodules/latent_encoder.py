@@ -1,6 +1,6 @@
 """The frozen encoders of the DiT stages in one module: a video batch → FSAE latents, text and image tokens.
 
-The latent cache (``datamodules.latent_cache.encode_shards``) and on-the-fly encoding
+The latent cache (``datamodules.latent_writer.encode_shards``) and on-the-fly encoding
 (``datamodules.latents.EncodingVideoDataModule``) both go through ``LatentEncoder``, so a cached sample and one
 encoded during training are the same numbers.
 

@@ -24,8 +24,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from callbacks.dit_samples import DiTSamples, read_held_out_clips
 from callbacks.videos import save_videos
 from datamodules.buckets import BucketConfig
-from datamodules.latent_cache import LatentCache, encode_shards
+from datamodules.latent_cache import LatentCache
 from datamodules.latent_encoder import EncoderPaths
+from datamodules.latent_writer import encode_shards
 from datamodules.latents import LatentDataModule
 from fsvideo.dit import DiTConfig
 from lightning_modules.dit import DiTModule

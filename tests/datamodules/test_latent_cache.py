@@ -12,8 +12,9 @@ import torch
 from fsae_runs import SMALL_FSAE, write_fsae_run
 
 from datamodules.buckets import BucketConfig
-from datamodules.latent_cache import LatentCache, encode_shards, read_cache_samples
+from datamodules.latent_cache import LatentCache, read_cache_samples
 from datamodules.latent_encoder import EncoderPaths, LatentEncoder
+from datamodules.latent_writer import encode_shards
 from datamodules.latents import EncodingVideoDataModule, LatentDataModule
 from datamodules.pipeline import normalize_video
 from datamodules.samples import SampleDecoder

@@ -13,13 +13,8 @@ from synthetic_media import caption, mp4, write_tar
 
 from datamodules.buckets import BucketConfig
 from datamodules.commands import data_main
-from datamodules.latent_cache import (
-    INDEX_FILE,
-    LatentCache,
-    LatentSample,
-    encode_shards,
-    unpack_sample,
-)
+from datamodules.latent_cache import INDEX_FILE, LatentCache, LatentSample, unpack_sample
+from datamodules.latent_writer import encode_shards
 from datamodules.shards import read_shard
 from datamodules.skips import SkipCounter
 
@@ -134,7 +129,7 @@ def test_interrupted_encode_resumes_where_it_stopped(setup, caplog):
     kept = {name: (out / name).stat().st_mtime_ns for name in ("latents-000000.tar", "latents-000002.tar")}
 
     committed = []
-    with caplog.at_level(logging.INFO, logger="datamodules.latent_cache"):
+    with caplog.at_level(logging.INFO, logger="datamodules.latent_writer"):
         resumed = encode_shards(out=out, on_shard=committed.append, **kwargs)
     assert "latents-000003.tar is cut short" in caplog.text
     assert "after 3 shard(s), 9 samples" in caplog.text

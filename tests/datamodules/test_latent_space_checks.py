@@ -14,8 +14,8 @@ from fsae_runs import SMALL_FSAE, write_fsae_run
 
 from cli import FSVideoCLI
 from datamodules.buckets import BucketConfig
-from datamodules.latent_cache import encode_shards
 from datamodules.latent_encoder import EncoderPaths
+from datamodules.latent_writer import encode_shards
 from datamodules.latents import EncodingVideoDataModule
 from fsvideo.pipeline import FSVideoPipeline, PipelineConfig
 

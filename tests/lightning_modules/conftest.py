@@ -9,7 +9,7 @@ import pytest
 from fsae_runs import write_fsae_run
 
 from datamodules.buckets import BucketConfig
-from datamodules.latent_cache import encode_shards
+from datamodules.latent_writer import encode_shards
 
 TEXT_LEN = 16
 CACHE_ARGS = {"text_len": TEXT_LEN, "buckets": BucketConfig(size=64), "num_frames": 5, "batch_size": 4}
