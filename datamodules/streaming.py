@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict, deque
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -80,9 +80,8 @@ class BucketStream:
         self.ds = ds
         self.slot = slot
         start = Cursor(**cursor)
-        self.cursor = Cursor(
-            start.pass_index, start.shard_position, start.sample_index, start.batches, start.fruitless_passes
-        )
+        # The held samples live in the buffers below; position() writes them back into each cursor it reports.
+        self.cursor = replace(start, pending=[], ready={}, skipped={})
         self.counter = SkipCounter(f" (rank {slot.rank}, worker {slot.worker})")
         self.counter.counts.update(start.skipped)
         self.pending: dict[Hashable, list[tuple[Address, BatchItem]]] = {}

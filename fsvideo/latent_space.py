@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fsvideo.ae import FSAE
-from fsvideo.checkpoints import find_run_files
+from fsvideo.checkpoints import find_run_files, safe_torch_load
 
 LATENT_SPACE_KEY = "latent_space"
 """Checkpoint entry in which ``lightning_modules.dit.DiTModule`` records the latent space of its training data:
@@ -76,8 +76,8 @@ def read_latent_space_record(path: str | Path) -> dict[str, Any] | None:
     checkpoint = path if path.is_file() else find_run_files(path)[1]
     if checkpoint.suffix == ".safetensors":
         return None
-    # mmap: only the small record is read, not the whole (possibly 14B-parameter) checkpoint
-    record = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(LATENT_SPACE_KEY)
+    # memory-mapped: only the small record is read, not the whole (possibly 14B-parameter) checkpoint
+    record = safe_torch_load(checkpoint, expected="a DiT checkpoint").get(LATENT_SPACE_KEY)
     return None if record is None else dict(record)
 
 

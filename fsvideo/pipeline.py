@@ -63,7 +63,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from fsvideo.ae import FSAE, FSAEConfig, TilingConfig
-from fsvideo.checkpoints import find_run_files, load_network_from_run
+from fsvideo.checkpoints import find_run_files, load_network_from_run, read_state_dict
 from fsvideo.dit import DiT, DiTConfig, build_i2v_condition
 from fsvideo.encoders import ImageEncoder, TextEncoder
 from fsvideo.flow import SAMPLERS, StepCallback, classifier_free_guidance, resolution_shift, sample
@@ -296,9 +296,8 @@ def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel latent mean and std ``C`` stored in a base-DiT run's checkpoint (``latent_mean``,
     ``latent_std``): the normalisation the DiT trained with. ``path``: run directory or checkpoint."""
     _, checkpoint = find_run_files(path)
-    # mmap: only the two small buffers are read, not the whole (possibly 14B-parameter) checkpoint
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    state = state.get("state_dict", state)
+    # memory-mapped: only the two small buffers are read, not the whole (possibly 14B-parameter) checkpoint
+    state = read_state_dict(checkpoint)
     mean, std = state.get("latent_mean"), state.get("latent_std")
     if mean is None or std is None:
         raise ValueError(

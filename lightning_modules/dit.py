@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import fully_shard
 
 from datamodules.latent_cache import LatentSpace, LatentStats
-from fsvideo.checkpoints import load_module_weights, pick_module_weights
+from fsvideo.checkpoints import load_module_weights, pick_module_weights, read_state_dict
 from fsvideo.dit import DiT, DiTConfig, build_i2v_condition, router_heatmap
 from fsvideo.encoders import drop_conditions
 from fsvideo.flow import (
@@ -67,8 +67,7 @@ def latent_stats_of_checkpoint(path: str | Path) -> LatentStats | None:
             keys = set(f.keys())
             state = {k: f.get_tensor(k) for k in ("latent_mean", "latent_std") if k in keys}
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        state = checkpoint.get("state_dict", checkpoint)
+        state = read_state_dict(path)
     mean, std = state.get("latent_mean"), state.get("latent_std")
     if mean is None or std is None or torch.isnan(mean).any():
         return None
