@@ -6,6 +6,7 @@
     fsvideo data sample --out data/sample                       # write the bundled sample shards
     fsvideo data inspect 'data/sample/train-{000000..000003}.tar'
     fsvideo generate --config configs/pipeline/tiny.yaml --image first.png --prompt "…" --out out.mp4
+    fsvideo export runs/tiny-dit-pretrain-video --out models/   # saved-model folders of a run's networks
     fsvideo report id --run "no reg=runs/a" --run "video VF=runs/b" --shards 'data/sample/val-000000.tar'
 
 Every run lives in ``trainer.default_root_dir`` (``runs/<name>`` in the bundled configs): the fully
@@ -134,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         from fsvideo.generate import generate_main
 
         return generate_main(args[1:])
+    if args[:1] == ["export"]:
+        from fsvideo.export import export_main
+
+        return export_main(args[1:])
     if args[:1] == ["report"]:
         from callbacks.reports import report_main
 

@@ -32,8 +32,9 @@ echo "== 4/7 FSAE: held-out reconstruction with the trained (EMA) weights"
 
 echo "== 5/7 latent cache of the sample shards with the trained FSAE"
 rm -rf "$LATENTS"
-"$FSVIDEO" data encode --config runs/tiny-fsae-stage1 --shards "$DATA/train-{000000..000003}.tar" --out "$LATENTS/train" "${CACHE_ARGS[@]}"
-"$FSVIDEO" data encode --config runs/tiny-fsae-stage1 --shards "$DATA/val-000000.tar" --out "$LATENTS/val" --validation "${CACHE_ARGS[@]}"
+FSAE=runs/tiny-fsae-stage1/export/autoencoder  # the saved-model folder the fit exported (fsvideo export does it too)
+"$FSVIDEO" data encode --config "$FSAE" --shards "$DATA/train-{000000..000003}.tar" --out "$LATENTS/train" "${CACHE_ARGS[@]}"
+"$FSVIDEO" data encode --config "$FSAE" --shards "$DATA/val-000000.tar" --out "$LATENTS/val" --validation "${CACHE_ARGS[@]}"
 
 echo "== 6/7 base DiT video pretraining (flow matching, Layer Memory) on the cache, $DIT_STEPS steps"
 "$FSVIDEO" fit --config "$CONFIGS"/tiny/dit-pretrain-video.yaml --model.init_args.init_from null \
@@ -74,6 +75,7 @@ print(f"DiT training loss: {head:.4f} (first fifth of {len(losses)} steps) -> {t
 print("generated video:             runs/demo/generated.mp4 (+ runs/demo/generated.json, the settings)")
 print("reconstructions (input|FSAE):", *sorted((root / "trained" / "videos").rglob("*.mp4")), sep="\n  ")
 print("checkpoints + resolved configs: runs/tiny-fsae-stage1/, runs/tiny-dit-pretrain-video/")
+print("saved-model folders (what the pipeline loaded): runs/tiny-fsae-stage1/export/, runs/tiny-dit-pretrain-video/export/")
 for run in ("tiny-fsae-stage1", "tiny-dit-pretrain-video"):
     print(f"wandb run (offline; `wandb sync` uploads it):", *sorted(Path(f"runs/{run}/wandb").glob("offline-run-*"))[-1:])
 if after["val/psnr"] <= before["val/psnr"] or tail >= head:

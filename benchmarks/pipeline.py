@@ -6,7 +6,7 @@ random-weight networks, measured in this same run:
   fsvideo    ``FSVideoPipeline.generate``: FSAE (``--preset``) encoder on the first frame, DiT on the FSAE
              latent grid (64×64×4, patch 1×1×1), FSAE decoder. Stage times are the pipeline's own.
   wan grid   the same DiT width and depth on Wan's latent grid (16 channels, 8×8×4, patch 1×2×2) through the
-             same sampling code (``fsvideo.pipeline.sample_i2v_latent``), with diffusers' ``AutoencoderKLWan``
+             same sampling code (``fsvideo.stages.sample_i2v_latent``), with diffusers' ``AutoencoderKLWan``
              at its default config (Wan2.1's VAE, 127M parameters) encoding ``[image, zeros]`` as Wan I2V
              does and decoding the result. ``--wan-vae none`` skips the Wan VAE (DiT-stage ratio only).
 
@@ -35,7 +35,8 @@ from diffusers import AutoencoderKLWan
 from fsvideo.ae import FSAE, FSAEConfig
 from fsvideo.dit import DiT, DiTConfig
 from fsvideo.encoders import ImageEncoder, TextEncoder, save_tiny_encoders
-from fsvideo.pipeline import FSVideoPipeline, GenerationSettings, sample_i2v_latent
+from fsvideo.pipeline import FSVideoPipeline, GenerationSettings
+from fsvideo.stages import sample_i2v_latent
 
 PROMPT = "a cat walks across the garden in the morning light"
 

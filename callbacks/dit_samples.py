@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from callbacks.videos import save_videos
 from datamodules.buckets import Bucket, BucketSet, check_num_frames
 from datamodules.latent_encoder import EncoderPaths, LatentEncoder
+from datamodules.latents import LatentData
 from datamodules.pipeline import normalize_video
 from datamodules.samples import SampleDecoder, media_kind
 from datamodules.shards import expand_shards, read_shard
@@ -105,32 +106,13 @@ def read_held_out_clips(
     return clips
 
 
-def encoder_paths_of(datamodule: Any) -> EncoderPaths | None:
-    """Where the FSAE and encoders that made the DataModule's latents live: ``EncodingVideoDataModule.encoders``
-    or the latent space recorded in ``LatentDataModule``'s training cache; None when it names none."""
-    encoders = getattr(datamodule, "encoders", None)
-    if isinstance(encoders, EncoderPaths):
-        return encoders
-    cache = (getattr(datamodule, "caches", None) or {}).get("train")
-    if cache is None or not cache.has_conditions:
-        return None
-    encoders = cache.fingerprint["encoders"]  # the paths as given to `fsvideo data encode`
-    return EncoderPaths(
-        autoencoder=encoders["autoencoder"]["path"],
-        text_encoder=encoders["text_encoder"],
-        image_encoder=encoders["image_encoder"],
-        text_len=cache.text_len,
-        dtype=encoders["dtype"],
-    )
-
-
-def held_out_shards_of(datamodule: Any) -> list[str] | str | None:
-    """The DataModule's validation video shards: those the validation latent cache was encoded from, or
-    ``val_shards`` of a DataModule that reads videos; None when it has neither."""
-    cache = (getattr(datamodule, "caches", None) or {}).get("val")
-    if cache is not None:
-        return cache.fingerprint.get("shards")
-    return getattr(datamodule, "val_shards", None)
+def latent_data(trainer: L.Trainer) -> LatentData:
+    """The trainer's DataModule, which must offer latent-space information (``datamodules.latents.LatentData``)."""
+    if not isinstance(trainer.datamodule, LatentData):
+        raise ValueError(
+            f"DiTSamples needs a DataModule of latents (datamodules.latents), got {type(trainer.datamodule).__name__}."
+        )
+    return trainer.datamodule
 
 
 @contextmanager
@@ -259,7 +241,7 @@ class DiTSamples(L.Callback):
     def held_out_clips(self, trainer: L.Trainer) -> list[HeldOutClip]:
         """The held-out set, read on first use."""
         if self._clips is None:
-            shards = self.shards or held_out_shards_of(trainer.datamodule)
+            shards = self.shards or latent_data(trainer).held_out_shards()
             if not shards:
                 raise ValueError(
                     "DiTSamples: no held-out shards; set the callback's init_args.shards to video shards (e.g. "
@@ -274,7 +256,7 @@ class DiTSamples(L.Callback):
     def networks(self, trainer: L.Trainer) -> LatentEncoder:
         """The FSAE and text / image encoders, loaded on the CPU on first use."""
         if self._networks is None:
-            paths = self.encoders or encoder_paths_of(trainer.datamodule)
+            paths = self.encoders or latent_data(trainer).encoder_paths()
             if paths is None or not paths.has_conditions:
                 raise ValueError(
                     "DiTSamples: no FSAE / text / image encoder paths; set the callback's init_args.encoders "

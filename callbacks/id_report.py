@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fsvideo.checkpoints import load_network_from_run
+from fsvideo.ae import FSAE
 from fsvideo.intrinsic_dimension import PAPER_SCALES, gride_id, latents_to_points
+from fsvideo.pretrained import load_network
 
 KINDS = ("video", "image")
 """Columns of Table 1: clips of more than one frame, and still images (one-frame clips)."""
@@ -264,7 +265,7 @@ def compare_checkpoints(
 
     Args:
         runs: ``{method name: encoder}``; an encoder is a module with ``.encode(B×3×T×H×W) → B×C×t×h×w``,
-            or a run directory / checkpoint path loaded with :func:`load_autoencoder_from_run` (one at a
+            or a run directory / checkpoint path loaded with :func:`fsvideo.pretrained.load_network` (one at a
             time, so only one network is in memory).
         batches: DataModule batches (``video`` ``B×3×T×H×W`` in [-1, 1], ``is_image``); the first
             ``max_batches`` are the held-out set, read once and shared by every run.
@@ -282,7 +283,7 @@ def compare_checkpoints(
         raise ValueError("the held-out data yielded no batches; check the shard pattern or data config.")
     rows = []
     for name, run in runs.items():
-        encoder = load_autoencoder_from_run(run, device) if isinstance(run, (str, Path)) else run
+        encoder = load_network(run, FSAE, device=device) if isinstance(run, (str, Path)) else run
         run_device = next(itertools.chain(encoder.parameters(), encoder.buffers())).device
         points = LatentPoints(point_mode)
         was_training = encoder.training
@@ -298,11 +299,3 @@ def compare_checkpoints(
         "runs": {name: str(run) for name, run in runs.items() if isinstance(run, (str, Path))},
     }
     return IDReport(point_mode, scales, max_points, seed, rows, info)
-
-
-def load_autoencoder_from_run(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The FSAE of a run, in eval mode: architecture from ``config.yaml`` (``model.init_args.autoencoder``),
-    weights from the checkpoint (EMA when kept)."""
-    from fsvideo.ae import FSAE, FSAEConfig
-
-    return load_network_from_run(path, "autoencoder", lambda fields: FSAE(FSAEConfig(**fields)), device)

@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     encode = commands.add_parser(
         "encode", help="latent cache for the DiT stages: FSAE latents + text/image tokens of video shards"
     )
-    encode.add_argument("--config", required=True, help="FSAE run directory (or a checkpoint inside one)")
+    encode.add_argument(
+        "--config", required=True, help="FSAE saved-model folder, run directory or checkpoint of a run"
+    )
     encode.add_argument("--shards", nargs="+", required=True, help="video shards (paths or brace patterns)")
     encode.add_argument(
         "--out",

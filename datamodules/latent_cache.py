@@ -23,14 +23,12 @@ latent of the clip that stream would give. A cache directory holds:
 ``datamodules.latent_writer.encode_shards`` writes caches (and resumes interrupted writes); this module reads them.
 
 Encoding into a directory that holds a cache with another fingerprint is refused; ``LatentCache.open`` and
-``check_same_latent_space`` let readers refuse caches that do not share one latent space, and DiT
-checkpoints record theirs (``LatentSpace.record``).
+``check_same_latent_space`` let readers refuse caches that do not share one latent space, and saved DiTs
+record theirs (``fsvideo.latent_space.LatentSpace``, which with ``LatentStats`` lives in ``fsvideo/``).
 
 Public API:
     LatentCache.open(path) -> LatentCache       .urls, .stats, .fingerprint, .latent_space, .index, .text_len,
                                                  .empty_text()
-    LatentSpace.of(paths, encoder)               the latent space of an FSAE run and encoders; .check_same(other)
-    LatentStats                                  per-channel mean / std; .read(path), .write(directory)
     LatentSample, unpack_sample(raw) -> LatentSample
     check_same_latent_space(a, b)
     read_cache_samples(cache) -> Iterator[LatentSample]
@@ -38,21 +36,19 @@ Public API:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 
-from datamodules.latent_encoder import EncoderPaths, LatentEncoder
 from datamodules.shards import read_shard
 from datamodules.skips import SkipCounter, SkipSample
-from fsvideo.latent_space import fsae_latent_space
+from fsvideo.latent_space import LatentSpace, LatentStats
 
 log = logging.getLogger(__name__)
 
@@ -62,137 +58,9 @@ SHARD_NAME = "latents-%06d.tar"
 PROGRESS_NAME = "latents-%06d.progress.json"
 PARTIAL_SUFFIX = ".partial"
 """A file being written; renamed to its name without the suffix once complete."""
-STATS_FILE = "stats.json"
 FINGERPRINT_FILE = "fingerprint.json"
 INDEX_FILE = "index.json"
 EMPTY_TEXT_FILE = "empty_text.safetensors"
-
-
-# ---- statistics ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class LatentStats:
-    """Per-channel mean and standard deviation of a cache's latents; the DiT trains on ``(z − mean) / std``."""
-
-    mean: list[float]
-    std: list[float]
-    elements_per_channel: int
-    """Latent values per channel the statistics were computed over."""
-
-    def __post_init__(self) -> None:
-        if len(self.mean) != len(self.std) or not self.mean:
-            raise ValueError(f"mean ({len(self.mean)}) and std ({len(self.std)}) need one value per channel.")
-        if min(self.std) <= 0:
-            raise ValueError(f"latent std must be positive in every channel, got min {min(self.std)}.")
-
-    @property
-    def channels(self) -> int:
-        return len(self.mean)
-
-    @classmethod
-    def read(cls, path: str | Path) -> LatentStats:
-        """From a ``stats.json`` or a cache directory holding one."""
-        path = Path(path)
-        path = path / STATS_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: no latent statistics; `fsvideo data encode` writes {STATS_FILE} into its --out directory."
-            )
-        return cls(**json.loads(path.read_text()))
-
-    def write(self, directory: str | Path) -> Path:
-        path = Path(directory) / STATS_FILE
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        return path
-
-
-# ---- fingerprint ---------------------------------------------------------------------------------------
-
-
-def folder_sha256(path: str | Path) -> str:
-    """Hash of every file's relative path and bytes under ``path``."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def jsonable(value: Any) -> Any:
-    """Tuples become lists, as they do in the json file, so a fresh fingerprint compares equal to a read one."""
-    return json.loads(json.dumps(value))
-
-
-def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for key in keys:
-        left, right = a.get(key), b.get(key)
-        if isinstance(left, Mapping) and isinstance(right, Mapping):
-            out += differences(left, right, f"{prefix}{key}.")
-        elif left != right:
-            out.append(f"{prefix}{key}")
-    return out
-
-
-@dataclass
-class LatentSpace:
-    """What gives latents and condition tokens their meaning, so that a DiT trained on one set of them works
-    with another: the FSAE *encoder* (its weights' hash and the config fields that shape the latent; not the
-    decoder, so the Standard / Lite decoders that keep the encoder frozen share their FSAE's latent space),
-    the text and image encoders (hashes of their folders) and the text length. Caches hold it in their
-    fingerprint, DiT checkpoints record it (``record()``), and both are compared on it alone."""
-
-    fields: dict[str, Any]
-    """json-able identity: ``autoencoder`` (``fsvideo.latent_space.fsae_latent_space``), ``text_encoder`` and
-    ``image_encoder`` (``{"sha256": …}`` or None for a latents-only cache) and ``text_len``."""
-    source: str = field(default="", compare=False)
-    """Where it comes from (a cache directory, encoders, a checkpoint), for error messages."""
-
-    @classmethod
-    def of(cls, paths: EncoderPaths, encoder: LatentEncoder) -> LatentSpace:
-        """The latent space of ``encoder``, loaded from ``paths``: the one way caches and on-the-fly encoding
-        describe theirs. Hashes the FSAE encoder's weights (~1.5 s for the paper FSAE) and the encoder folders."""
-        fields = {
-            "autoencoder": fsae_latent_space(encoder.autoencoder),
-            "text_encoder": None
-            if paths.text_encoder is None
-            else {"sha256": folder_sha256(paths.text_encoder)},
-            "image_encoder": None
-            if paths.image_encoder is None
-            else {"sha256": folder_sha256(paths.image_encoder)},
-            "text_len": paths.text_len,
-        }
-        encoders = (
-            "" if paths.text_encoder is None else f", encoders {paths.text_encoder}, {paths.image_encoder}"
-        )
-        return cls(jsonable(fields), f"FSAE {paths.autoencoder}{encoders}")
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any], where: str) -> LatentSpace:
-        """From a checkpoint's ``record()``; ``where`` names the checkpoint."""
-        return cls(dict(record["fields"]), f"{where} (trained on {record['source']})")
-
-    def record(self) -> dict[str, Any]:
-        """What a DiT checkpoint stores (``fsvideo.latent_space.LATENT_SPACE_KEY``)."""
-        return {"fields": self.fields, "source": self.source}
-
-    def differences(self, other: LatentSpace) -> list[str]:
-        """Dotted names of the fields that differ (``autoencoder.encoder_sha256``, ``text_len``, …)."""
-        return differences(self.fields, other.fields)
-
-    def check_same(self, other: LatentSpace, fix: str) -> None:
-        """Raise a ValueError naming both sources, the differing fields and ``fix`` unless they are equal."""
-        differing = self.differences(other)
-        if differing:
-            raise ValueError(
-                f"{self.source} and {other.source} are in different latent spaces ({differing} differ: another "
-                f"FSAE encoder, text / image encoder or text length); {fix}"
-            )
 
 
 # ---- samples -------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ The latent cache (``datamodules.latent_writer.encode_shards``) and on-the-fly en
 encoded during training are the same numbers.
 
 Public API:
-    EncoderPaths             where the FSAE run and the text / image encoders live (a config section)
+    EncoderPaths             where the FSAE and the text / image encoders live (a config section); .latent_space()
     LatentEncoder(autoencoder, text_encoder=None, image_encoder=None)
         .from_paths(paths) -> LatentEncoder         everything loaded from local paths, eval mode, frozen
         forward(video, captions) -> dict            ``latent`` (+ ``text_tokens``, ``text_mask``, ``image_tokens``)
@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from callbacks.id_report import load_autoencoder_from_run
+from fsvideo.ae import FSAE
 from fsvideo.encoders import ImageEncoder, TextEncoder
+from fsvideo.latent_space import LatentSpace
+from fsvideo.pretrained import load_network
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +39,7 @@ class EncoderPaths:
     """Local paths of the frozen networks that turn a video sample into DiT inputs (nothing is downloaded)."""
 
     autoencoder: str
-    """FSAE run directory (its ``config.yaml`` and ``checkpoints/last.ckpt``) or a checkpoint inside a run."""
+    """FSAE saved-model folder (``fsvideo export``), run directory or checkpoint of a run."""
     text_encoder: str | None = None
     """UMT5 encoder folder (``save_pretrained`` layout with its tokenizer); None encodes latents only."""
     image_encoder: str | None = None
@@ -59,6 +61,19 @@ class EncoderPaths:
     def has_conditions(self) -> bool:
         return self.text_encoder is not None
 
+    def latent_space(self, autoencoder: FSAE) -> LatentSpace:
+        """The latent space of ``autoencoder`` (loaded from these paths) with these condition encoders."""
+        encoders = (
+            "" if self.text_encoder is None else f", encoders {self.text_encoder}, {self.image_encoder}"
+        )
+        return LatentSpace.of(
+            autoencoder,
+            self.text_encoder,
+            self.image_encoder,
+            self.text_len,
+            f"FSAE {self.autoencoder}{encoders}",
+        )
+
 
 class LatentEncoder(nn.Module):
     """FSAE encoder + text encoder + image encoder, frozen and always in eval mode."""
@@ -77,7 +92,7 @@ class LatentEncoder(nn.Module):
     @classmethod
     def from_paths(cls, paths: EncoderPaths) -> LatentEncoder:
         """Loads every network on the CPU; move the result with ``.to(device)``."""
-        autoencoder = load_autoencoder_from_run(paths.autoencoder)
+        autoencoder = load_network(paths.autoencoder, FSAE)
         if not paths.has_conditions:
             return cls(autoencoder)
         dtype = parse_dtype(paths.dtype, "dtype")

@@ -36,19 +36,14 @@ from datamodules.latent_cache import (
     PARTIAL_SUFFIX,
     PROGRESS_NAME,
     SHARD_NAME,
-    STATS_FILE,
     LatentCache,
-    LatentSpace,
-    LatentStats,
-    differences,
-    jsonable,
 )
 from datamodules.latent_encoder import EncoderPaths, LatentEncoder, parse_dtype
 from datamodules.pipeline import normalize_video, stack_clips
 from datamodules.samples import Clip, SampleDecoder
 from datamodules.shards import expand_shards, read_shard
 from datamodules.skips import SkipCounter, SkipSample
-from fsvideo.latent_space import weights_sha256
+from fsvideo.latent_space import STATS_FILE, LatentStats, differences, jsonable, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +112,7 @@ def make_fingerprint(
     return jsonable(
         {
             "format": CACHE_FORMAT,
-            "latent_space": LatentSpace.of(paths, encoder).fields,
+            "latent_space": paths.latent_space(autoencoder).fields,
             "encoders": {
                 "autoencoder": {
                     "path": str(paths.autoencoder),

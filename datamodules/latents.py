@@ -9,10 +9,8 @@ Two sources, chosen by the config's ``data.class_path``; both give the same batc
 A batch is ``{"latent": B×C×t×h×w float32 (not normalised), "text_tokens": B×L×D float32 (zero past the
 prompt), "text_mask": B×L bool, "image_tokens": B×M×D' float32 (of frame 0), "caption": list[str],
 "is_image": bool B, "meta": dict}``; its samples share one bucket, so a batch is all stills (t = 1) or all clips.
-After ``setup`` both expose ``latent_stats`` (``LatentStats``, the per-channel mean / std the DiT normalises
-with), ``latent_space`` (``LatentSpace``: which FSAE encoder and condition encoders made the data; the DiT
-refuses data of another one) and ``empty_text`` (tokens ``1×L×D``, mask ``1×L``: the empty prompt, what CFG
-dropout substitutes).
+Both are ``LatentData``: the declared interface through which a stage learns the data's latent statistics,
+latent space and empty prompt.
 """
 
 from __future__ import annotations
@@ -26,8 +24,6 @@ import torch
 from datamodules.latent_cache import (
     LatentCache,
     LatentSample,
-    LatentSpace,
-    LatentStats,
     check_same_latent_space,
     pad_text,
     unpack_sample,
@@ -35,8 +31,32 @@ from datamodules.latent_cache import (
 from datamodules.latent_encoder import EncoderPaths, LatentEncoder
 from datamodules.streaming import BucketStream, StreamDataModule, TrackingLoader, WorkerStreamDataset
 from datamodules.video import VideoDataModule
+from fsvideo.latent_space import LatentSpace, LatentStats
 
 log = logging.getLogger(__name__)
+
+
+class LatentData:
+    """What a DataModule of latents offers the stage that trains on it, set by its ``setup``."""
+
+    latent_stats: LatentStats | None = None
+    """Per-channel mean / std of the latents, which the DiT normalises with."""
+    latent_space: LatentSpace | None = None
+    """Which FSAE encoder, condition encoders and text length made the data; a DiT refuses data of another."""
+    empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Tokens ``1×L×D`` and mask ``1×L`` of the empty prompt: what CFG dropout substitutes (None without text)."""
+
+    def encoder_paths(self) -> EncoderPaths | None:
+        """Where the FSAE and text / image encoders that made the latents live; None when no encoders are named."""
+        raise NotImplementedError
+
+    def held_out_shards(self) -> list[str] | str | None:
+        """The video shards of the held-out set (for in-training samples); None when unknown."""
+        raise NotImplementedError
+
+    def skipped_counts(self, stage: str = "train") -> dict[str, int]:
+        """Samples skipped so far by reason, ``data/skipped_*`` (the stream DataModules' count)."""
+        raise NotImplementedError
 
 
 class _LatentStream(BucketStream):
@@ -84,7 +104,7 @@ class LatentBatchDataset(WorkerStreamDataset):
         self.text_len = cache.text_len
 
 
-class LatentDataModule(StreamDataModule):
+class LatentDataModule(StreamDataModule, LatentData):
     """Batches from latent caches written by ``fsvideo data encode`` (see the module docstring for the batch).
 
     Buckets, frames and fps are those the cache was encoded with; the train and validation caches must share
@@ -130,9 +150,6 @@ class LatentDataModule(StreamDataModule):
         self.val_batches = val_batches
         self.seed = seed
         self.caches: dict[str, LatentCache] = {}
-        self.latent_stats: LatentStats | None = None
-        self.empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.latent_space: LatentSpace | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.caches:
@@ -145,6 +162,27 @@ class LatentDataModule(StreamDataModule):
         self.latent_stats = train.stats
         self.empty_text = train.empty_text() if train.has_conditions else None
         self.latent_space = train.latent_space
+
+    def encoder_paths(self) -> EncoderPaths | None:
+        """The encoders the training cache's fingerprint names (the paths given to `fsvideo data encode`)."""
+        self.setup()
+        cache = self.caches["train"]
+        if not cache.has_conditions:
+            return None
+        encoders = cache.fingerprint["encoders"]
+        return EncoderPaths(
+            autoencoder=encoders["autoencoder"]["path"],
+            text_encoder=encoders["text_encoder"],
+            image_encoder=encoders["image_encoder"],
+            text_len=cache.text_len,
+            dtype=encoders["dtype"],
+        )
+
+    def held_out_shards(self) -> list[str] | str | None:
+        """The video shards the validation cache was encoded from."""
+        self.setup()
+        cache = self.caches.get("val")
+        return None if cache is None else cache.fingerprint.get("shards")
 
     def _loader(self, stage: str, batches: int) -> TrackingLoader:
         self.setup()
@@ -170,7 +208,7 @@ class LatentDataModule(StreamDataModule):
         return [] if self.val_cache is None else self._loader("val", self.val_batches)
 
 
-class EncodingVideoDataModule(VideoDataModule):
+class EncodingVideoDataModule(VideoDataModule, LatentData):
     """``VideoDataModule`` whose batches are encoded on the training device into DiT batches (see the module
     docstring): no cache needed, at the price of running the FSAE and both encoders every step.
 
@@ -191,9 +229,6 @@ class EncodingVideoDataModule(VideoDataModule):
         self.encoders = encoders
         self.latent_stats_path = latent_stats
         self.encoder: LatentEncoder | None = None
-        self.latent_stats: LatentStats | None = None
-        self.empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.latent_space: LatentSpace | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is not None:
@@ -207,7 +242,13 @@ class EncodingVideoDataModule(VideoDataModule):
                 f"{self.encoders.autoencoder} makes {channels}; use statistics of this FSAE's latents."
             )
         self.encoder, self.latent_stats, self.empty_text = encoder, stats, encoder.empty_text()
-        self.latent_space = LatentSpace.of(self.encoders, encoder)
+        self.latent_space = self.encoders.latent_space(encoder.autoencoder)
+
+    def encoder_paths(self) -> EncoderPaths | None:
+        return self.encoders
+
+    def held_out_shards(self) -> list[str] | str | None:
+        return self.val_shards
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Replaces ``video`` by the encoded ``latent`` and condition tokens, on the batch's device."""

@@ -117,12 +117,14 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
     frames = result.frames_uint8()
     write_mp4(out, frames, fps=args.fps)
 
-    dit_calls = settings.steps * (1 if settings.guidance_scale == 1.0 else 2)
-    print(f"encode {result.timings['encode']:8.2f} s  (FSAE encoder, text and image encoders)")
-    print(
-        f"dit    {result.timings['dit']:8.2f} s  ({settings.steps} {settings.sampler} steps, {dit_calls} DiT calls)"
-    )
-    print(f"decode {result.timings['decode']:8.2f} s  (FSAE decoder)")
+    descriptions = {"encode": "FSAE encoder, text and image encoders", "decode": "FSAE decoder"}
+    for stage in result.stages:
+        if "nfe" in stage:
+            used = stage["settings"]
+            what = f"{used['steps']} {used['sampler']} steps, {stage['nfe']} DiT calls"
+        else:
+            what = descriptions.get(stage["name"], "")
+        print(f"{stage['name']:<7}{stage['seconds']:8.2f} s  ({what})")
     record = {
         "image": str(args.image),
         "prompt": args.prompt,
@@ -144,6 +146,8 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
         "fps": args.fps,
         "frames": int(frames.shape[0]),
         "timings_s": {"load": load_time, **result.timings},
+        "stages": result.stages,
+        "nfe": sum(stage.get("nfe", 0) for stage in result.stages),
     }
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(record, indent=1) + "\n")

@@ -1,5 +1,5 @@
 """Image-to-video inference (DESIGN §3, spec Figure 2): FSAE encoder → text / image encoders → base DiT
-sampled with classifier-free guidance → FSAE decoder.
+sampled with classifier-free guidance → FSAE decoder, as an ordered list of stages (``fsvideo.stages``).
 
     pipe = FSVideoPipeline.from_config("configs/pipeline/tiny-generate.yaml")
     result = pipe.generate("cat.png", "a cat walks across the garden", num_frames=17, seed=0)
@@ -13,9 +13,9 @@ What ``generate`` does:
    the result for the decoder's first-frame cross-attention (§2.2.3); the current decoder does not take
    them yet.
 2. The text encoder reads ``[prompt, negative_prompt]``; the image encoder reads the prepared image.
-3. Latents are normalised with the per-channel mean / std the DiT trained with (stored in its checkpoint by
-   ``lightning_modules.dit.DiTModule``). The DiT input is ``cat([z_σ, mask, [first-frame latent, zeros]])``
-   (``build_i2v_condition``); noise comes from a CPU generator seeded with ``seed``; the flow ODE is
+3. Latents are normalised with the per-channel mean / std the DiT trained with (recorded with the saved DiT,
+   ``fsvideo.pretrained``). The DiT input is ``cat([z_σ, mask, [first-frame latent, zeros]])``
+   (``fsvideo.dit.condition.image_to_video``); noise comes from a CPU generator seeded with ``seed``; the flow ODE is
    integrated by ``fsvideo.flow.sample`` ("euler" or "unipc").
    Frame 0 is given: its velocity is set to the exact ``ε₀ − z_first`` (training leaves frame 0 out of the
    loss for this reason), so it lands on the input image's latent.
@@ -27,6 +27,10 @@ What ``generate`` does:
    The latent upsampler and refiner (§2.4) come later: ``PipelineConfig.upsampler`` / ``.refiner`` must
    stay unset until they exist.
 
+Each step is a stage (``encode``, ``dit``, ``decode``); ``GenerationResult.timings`` has each one's seconds and
+``GenerationResult.stages`` what each did (a sampling stage's steps, guidance, shift, sampler and its network
+evaluations, NFE).
+
 Precision: "bf16" casts the DiT and the text / image encoders to bfloat16 and runs them under autocast;
 the FSAE always runs in float32 (as the latent cache encodes). "auto" is bf16 on CUDA and fp32 on CPU.
 Offloading (``offload=True``): every network waits on the CPU and only the one in use (FSAE encoder, text
@@ -36,21 +40,19 @@ Public API:
     GenerationSettings      per-call settings and their defaults (frames, size, steps, guidance, ...)
     PipelineConfig          what to load and how to run it; ``PipelineConfig.from_yaml(path)``
     FSVideoPipeline(autoencoder, dit, text_encoder, image_encoder, latent_mean, latent_std, ...)
-        .from_config(config_or_yaml_path)       networks loaded from run directories / encoder folders
+        .from_config(config_or_yaml_path)       networks loaded from saved-model folders, runs, encoder folders
+        .stages                                 the ordered ``fsvideo.stages`` it runs
         .generate(image, prompt, settings=None, callback=None, **overrides) -> GenerationResult
-    GenerationResult        video ``3×T×H×W`` in [-1, 1], latent, first-frame features, timings; .frames_uint8()
-    sample_i2v_latent(dit, first_frame_latent, ...)   step 3 alone (used by benchmarks/pipeline.py)
+    GenerationResult        video ``3×T×H×W`` in [-1, 1], latent, first-frame features, timings, stages;
+                            .frames_uint8()
     load_image(image) / fit_image(image, height, width, resize_mode)   step 1's image preparation
-    read_latent_stats(dit_run) -> (mean, std)
+    read_latent_stats(dit) -> (mean, std)       of a DiT folder / run / checkpoint, from its records
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +64,22 @@ import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from fsvideo.ae import FSAE, FSAEConfig, TilingConfig
-from fsvideo.checkpoints import find_run_files, load_network_from_run, read_state_dict
-from fsvideo.dit import DiT, DiTConfig, build_i2v_condition
+from fsvideo.ae import FSAE, TilingConfig
+from fsvideo.dit import DiT
 from fsvideo.encoders import ImageEncoder, TextEncoder
-from fsvideo.flow import SAMPLERS, StepCallback, classifier_free_guidance, resolution_shift, sample
-from fsvideo.latent_space import check_fsae_for_dit
+from fsvideo.flow import StepCallback, resolution_shift
+from fsvideo.latent_space import LATENT_STATS, check_fsae_for_dit
+from fsvideo.pretrained import build_network, load_network, read_records, read_snapshot
+from fsvideo.stages import (
+    BaseSamplingStage,
+    DecodeStage,
+    EncodeStage,
+    GenerationState,
+    LatentNormalization,
+    PipelineStage,
+    SamplingSettings,
+    StageRuntime,
+)
 from fsvideo.video_io import to_uint8_frames
 
 RESIZE_MODES = ("error", "resize", "crop")
@@ -89,25 +101,22 @@ class GenerationSettings:
     width: int = 256
     """Video width in pixels, a multiple of 64."""
     steps: int = 30
-    """Sampler steps (each evaluates the DiT twice with guidance, once at guidance_scale 1)."""
+    """Base-stage sampler steps (each evaluates the DiT twice with guidance, once at guidance_scale 1)."""
     guidance_scale: float = 5.0
-    """Classifier-free guidance scale s in v_u + s·(v_c − v_u); 1 disables guidance."""
+    """Base-stage classifier-free guidance scale s in v_u + s·(v_c − v_u); 1 disables guidance."""
     shift: float | None = 3.0
-    """Timestep shift of the sampling schedule (Wan: 3 at 480p, 5 at 720p); None grows it with the token
-    count (``fsvideo.flow.resolution_shift``)."""
+    """Base-stage timestep shift of the sampling schedule (Wan: 3 at 480p, 5 at 720p); None grows it with the
+    token count (``fsvideo.flow.resolution_shift``)."""
     seed: int = 0
     """Seed of the initial noise (drawn on the CPU, so a seed gives the same video on every device type)."""
     sampler: str = "unipc"
-    """Flow ODE solver: "unipc" (Wan's default) or "euler"."""
+    """Base-stage flow ODE solver: "unipc" (Wan's default) or "euler"."""
     resize_mode: str = "crop"
     """How the image meets height×width: "crop" scales it to cover and center-crops, "resize" stretches
     it, "error" refuses an image of another size."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        self.base_sampling()  # checks steps, guidance, shift and sampler
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize_mode {self.resize_mode!r}; choose one of {RESIZE_MODES}")
         if self.num_frames < 1 or self.height < 1 or self.width < 1:
@@ -115,12 +124,12 @@ class GenerationSettings:
                 f"num_frames, height and width must be positive, got {self.num_frames}, "
                 f"{self.height}, {self.width}"
             )
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
-        if self.shift is not None and not self.shift > 0:
-            raise ValueError(f"shift must be positive (or None for the resolution rule), got {self.shift}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+
+    def base_sampling(self) -> SamplingSettings:
+        """The base stage's ``SamplingSettings`` (steps, guidance_scale, shift, sampler)."""
+        return SamplingSettings(self.steps, self.guidance_scale, self.shift, self.sampler)
 
 
 @dataclass
@@ -292,78 +301,24 @@ def fit_image(image: torch.Tensor, height: int, width: int, resize_mode: str = "
 # ---- latent statistics ------------------------------------------------------------------------------------
 
 
-def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel latent mean and std ``C`` stored in a base-DiT run's checkpoint (``latent_mean``,
-    ``latent_std``): the normalisation the DiT trained with. ``path``: run directory or checkpoint."""
-    _, checkpoint = find_run_files(path)
-    # memory-mapped: only the two small buffers are read, not the whole (possibly 14B-parameter) checkpoint
-    state = read_state_dict(checkpoint)
-    mean, std = state.get("latent_mean"), state.get("latent_std")
-    if mean is None or std is None:
+def latent_stats_of(records: dict[str, Any], source: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel latent mean and std ``C`` a saved DiT records: the normalisation it trained with."""
+    stats = records.get(LATENT_STATS)
+    if stats is None:
         raise ValueError(
-            f"{checkpoint} holds no latent_mean / latent_std; the pipeline needs the latent statistics the DiT "
-            "trained with, which lightning_modules.dit.DiTModule stores in its checkpoints. Pass a base-DiT run."
+            f"{source} records no latent statistics (latent_mean / latent_std); the pipeline needs the normalisation the DiT trained with, "
+            "which DiT training runs record. Pass a base-DiT run or a folder `fsvideo export` wrote from one (for "
+            "converted weights, save_pretrained(folder, records={'latent_stats': LatentStats(...).record()}))."
         )
+    mean, std = torch.tensor(stats["mean"]).float(), torch.tensor(stats["std"]).float()
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
-        raise ValueError(
-            f"{checkpoint}: latent_mean / latent_std are unset (NaN) or std is not positive; the run never "
-            "received its statistics (model.init_args.latent_stats or the latent cache's stats.json)."
-        )
-    return mean.float().clone(), std.float().clone()
+        raise ValueError(f"{source}: the recorded latent mean / std are not finite or std is not positive.")
+    return mean, std
 
 
-# ---- sampling ---------------------------------------------------------------------------------------------
-
-
-def sample_i2v_latent(
-    dit: DiT,
-    first_frame_latent: torch.Tensor,
-    num_latent_frames: int,
-    text: tuple[torch.Tensor, torch.Tensor],
-    negative_text: tuple[torch.Tensor, torch.Tensor],
-    image_tokens: torch.Tensor | None,
-    steps: int,
-    guidance_scale: float,
-    shift: float,
-    sampler: str,
-    generator: torch.Generator,
-    autocast_dtype: torch.dtype | None = None,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """Sample a normalised latent video whose frame 0 is ``first_frame_latent`` (module docstring, step 3).
-
-    Args:
-        first_frame_latent: ``B×C×1×h×w`` normalised latent of the input image, on the DiT's device.
-        text, negative_text: ``(tokens B×L×D, mask B×L)`` of the prompt and of the negative prompt.
-        image_tokens: ``B×M×D'`` (kept in both guidance branches), None for a DiT without image branch.
-        generator: CPU generator of the initial noise.
-        autocast_dtype: run the DiT under autocast in this dtype (None: the parameters' dtype).
-        callback: ``callback(step, steps, sigma, z)`` after every sampler step.
-
-    Returns:
-        ``B×C×t×h×w`` float32, ``t = num_latent_frames``.
-    """
-    batch, channels, _, height, width = first_frame_latent.shape
-    device = first_frame_latent.device
-    noise = torch.randn((batch, channels, num_latent_frames, height, width), generator=generator).to(device)
-    condition = build_i2v_condition(first_frame_latent, num_latent_frames, dit.config.mask_channels)
-
-    def branch(tokens: torch.Tensor, mask: torch.Tensor):
-        def velocity(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            latent_in = torch.cat([z, condition], dim=1)  # (B, 2C + k, t, h, w)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                return dit(latent_in, sigma, tokens, image_tokens, mask).float()
-
-        return velocity
-
-    guided = classifier_free_guidance(branch(*text), branch(*negative_text), guidance_scale)
-    first_velocity = noise[:, :, :1] - first_frame_latent  # exact: frame 0's clean value is given
-
-    def velocity(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return torch.cat([first_velocity, guided(z, sigma)[:, :, 1:]], dim=2)
-
-    z0 = sample(velocity, noise, steps, shift, sampler, callback)
-    return torch.cat([first_frame_latent.float(), z0[:, :, 1:]], dim=2)
+def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latent_stats_of`` a DiT saved-model folder, run directory or checkpoint (no weights are read)."""
+    return latent_stats_of(read_records(path, expected=DiT), path)
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------------
@@ -383,10 +338,13 @@ class GenerationResult:
     settings: GenerationSettings
     """The settings used."""
     shift: float
-    """The timestep shift used (resolved when ``settings.shift`` is None)."""
+    """The timestep shift of the base stage (resolved when ``settings.shift`` is None)."""
     timings: dict[str, float]
-    """Seconds spent in each stage: ``encode`` (image, FSAE encoder, text and image encoders), ``dit``
-    (sampling) and ``decode``; with offloading each includes moving its networks."""
+    """Seconds spent in each stage, by stage name: ``encode`` (image, FSAE encoder, text and image encoders),
+    ``dit`` (base sampling) and ``decode``; with offloading each includes moving its networks."""
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    """Per stage in order: ``name``, ``seconds``, and for a sampling stage its settings, shift and network
+    evaluations (``nfe``)."""
 
     def frames_uint8(self) -> np.ndarray:
         """``T×H×W×3`` uint8, ready for ``fsvideo.video_io.write_mp4``."""
@@ -394,7 +352,8 @@ class GenerationResult:
 
 
 class FSVideoPipeline:
-    """Image-to-video pipeline over networks already built (see the module docstring for the steps).
+    """Image-to-video pipeline over networks already built: an ordered list of stages (``fsvideo.stages``:
+    encode → base sampling → decode), each timed and placed on the device while it runs.
 
     Args:
         autoencoder: the FSAE whose latents the DiT trained on.
@@ -456,28 +415,48 @@ class FSVideoPipeline:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            self.device = torch.device(device)
+            device = torch.device(device)
         except RuntimeError:
             raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use device cpu")
         if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        self.runtime = StageRuntime(device, offload, torch.bfloat16 if precision.startswith("bf16") else None)
         self.precision = precision
-        self.offload = offload
         self.tiling = tiling
         self.defaults = defaults or GenerationSettings()
         self.autoencoder = autoencoder.float().eval().requires_grad_(False)
         self.dit = dit.eval().requires_grad_(False)
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
-        self.latent_mean = latent_mean.float()
-        self.latent_std = latent_std.float()
+        self.latent_mean, self.latent_std = latent_mean.float(), latent_std.float()
+        self.stages: list[PipelineStage] = [
+            EncodeStage(self.autoencoder, text_encoder, image_encoder),
+            BaseSamplingStage(
+                self.dit,
+                LatentNormalization(self.latent_mean, self.latent_std),
+                ae_config.temporal_compression,
+            ),
+            DecodeStage(self.autoencoder, tiling),
+        ]
         if precision == "bf16":
             for network in self._networks()[1:]:
                 network.to(torch.bfloat16)
         for network in self._networks():
-            network.to("cpu" if offload else self.device)
+            network.to("cpu" if offload else device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def offload(self) -> bool:
+        return self.runtime.offload
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.runtime.autocast_dtype
 
     def _networks(self) -> list[nn.Module]:
         """Every network, the FSAE first."""
@@ -489,12 +468,13 @@ class FSVideoPipeline:
         """Load every network named by a ``PipelineConfig`` (or the YAML file of one) on the CPU, then place it."""
         if not isinstance(config, PipelineConfig):
             config = PipelineConfig.from_yaml(config)
-        autoencoder = load_network_from_run(
-            config.autoencoder, "autoencoder", lambda fields: FSAE(FSAEConfig(**fields))
-        )
-        dit = load_network_from_run(config.dit, "dit", lambda fields: DiT(DiTConfig(**fields)))
-        check_fsae_for_dit(config.dit, autoencoder, config.text_len)  # before the slow encoder loads
-        latent_mean, latent_std = read_latent_stats(config.dit)
+        autoencoder = load_network(config.autoencoder, FSAE)
+        dit_snapshot = read_snapshot(config.dit, expected=DiT)
+        check_fsae_for_dit(
+            dit_snapshot.records, autoencoder, config.text_len, config.dit
+        )  # before slow loads
+        latent_mean, latent_std = latent_stats_of(dit_snapshot.records, config.dit)
+        dit = build_network(dit_snapshot, DiT)
         text_encoder = TextEncoder.from_pretrained(config.text_encoder, text_len=config.text_len)
         image_encoder = ImageEncoder.from_pretrained(config.image_encoder) if config.image_encoder else None
         return cls(
@@ -510,29 +490,6 @@ class FSVideoPipeline:
             tiling=config.tiling,
             defaults=config.generation,
         )
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.precision.startswith("bf16") else None
-
-    @contextmanager
-    def _on_device(self, network: nn.Module) -> Iterator[None]:
-        """With offloading, ``network`` sits on the device only inside this block."""
-        if self.offload:
-            network.to(self.device)
-        try:
-            yield
-        finally:
-            if self.offload:
-                network.to("cpu")
-
-    @contextmanager
-    def _timed(self, stage: str, timings: dict[str, float]) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        timings[stage] = time.perf_counter() - start
 
     def check_settings(self, settings: GenerationSettings) -> None:
         """Raise a ValueError naming the problem if these networks cannot generate ``settings``' video."""
@@ -593,66 +550,25 @@ class FSVideoPipeline:
             raise ValueError(f"unknown generation setting(s) {unknown}; see GenerationSettings")
         settings = dataclasses.replace(settings or self.defaults, **overrides)
         self.check_settings(settings)
-        shift = self.resolve_shift(settings)
-        timings: dict[str, float] = {}
-        mean = self.latent_mean.to(self.device).view(1, -1, 1, 1, 1)
-        std = self.latent_std.to(self.device).view(1, -1, 1, 1, 1)
-        autocast = dict(
-            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None
-        )
-
-        # 1. image → first-frame latent and features; 2. prompts and image → tokens
-        with self._timed("encode", timings):
-            pixels = fit_image(load_image(image), settings.height, settings.width, settings.resize_mode)
-            pixels = pixels.to(self.device)[None]  # (1, 3, H, W)
-            with self._on_device(self.autoencoder.encoder):
-                first_latent, features = self.autoencoder.encode(
-                    pixels[:, :, None], return_first_frame_features=True
-                )
-            with self._on_device(self.text_encoder), torch.autocast(**autocast):
-                tokens, mask = self.text_encoder([prompt, settings.negative_prompt])
-            tokens = tokens.float()
-            image_tokens = None
-            if self.image_encoder is not None:
-                with self._on_device(self.image_encoder), torch.autocast(**autocast):
-                    image_tokens = self.image_encoder(pixels).float()
-
-        # 3. base DiT: flow sampling with classifier-free guidance on normalised latents
-        with self._timed("dit", timings), self._on_device(self.dit):
-            num_latent_frames = 1 + (settings.num_frames - 1) // self.autoencoder.config.temporal_compression
-            z0 = sample_i2v_latent(
-                self.dit,
-                (first_latent.float() - mean) / std,
-                num_latent_frames,
-                (tokens[:1], mask[:1]),
-                (tokens[1:], mask[1:]),
-                image_tokens,
-                settings.steps,
-                settings.guidance_scale,
-                shift,
-                settings.sampler,
-                torch.Generator().manual_seed(settings.seed),
-                self.autocast_dtype,
-                callback,
-            )
-            latent = z0 * std + mean
-
-        # 4. FSAE decoder (FSAE-Standard / Lite also take the first frame's encoder features, §2.2.3,
-        # and inject seeded noise)
-        with self._timed("decode", timings), self._on_device(self.autoencoder.decoder):
-            injected = features if self.autoencoder.config.first_frame_injection else None
-            video = self.autoencoder.decode(
-                latent,
-                tiling=self.tiling,
-                first_frame_features=injected,
-                generator=torch.Generator(latent.device).manual_seed(settings.seed),
-            ).clamp(-1, 1)
-
-        return GenerationResult(
-            video=video[0].float().cpu(),
-            latent=latent[0].float().cpu(),
-            first_frame_features=[f.float().cpu() for f in features],
+        state = GenerationState(
             settings=settings,
-            shift=shift,
-            timings=timings,
+            prompt=prompt,
+            pixels=fit_image(load_image(image), settings.height, settings.width, settings.resize_mode),
+            base_shift=self.resolve_shift(settings),
+        )
+        records = []
+        for stage in self.stages:
+            start = time.perf_counter()
+            record = stage.run(state, self.runtime, callback)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            records.append({"name": stage.name, "seconds": time.perf_counter() - start, **record})
+        return GenerationResult(
+            video=state.video[0].float().cpu(),
+            latent=state.latent[0].float().cpu(),
+            first_frame_features=[f.float().cpu() for f in state.first_frame_features],
+            settings=settings,
+            shift=state.base_shift,
+            timings={r["name"]: r["seconds"] for r in records},
+            stages=records,
         )

@@ -19,8 +19,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from fsvideo.ae import FSAE, FSAEConfig, load_decoder_variant, read_autoencoder_state
-from fsvideo.checkpoints import load_module_weights
+from fsvideo.ae import FSAE, FSAEConfig, load_decoder_variant
 from fsvideo.convert.dcae import import_dcae
 from fsvideo.discriminator import DiscriminatorConfig, MultiscaleDiscriminator3D
 from fsvideo.encoders import FrameFeatureEncoder
@@ -36,7 +35,8 @@ from fsvideo.losses import (
     r1_penalty,
     upscale_regularization,
 )
-from lightning_modules.base import OptimizerConfig, TrainingStage
+from fsvideo.pretrained import load_weights, read_snapshot
+from lightning_modules.base import OptimizerConfig, SavedNetwork, TrainingStage
 from lightning_modules.ema import make_ema_twin
 
 
@@ -123,7 +123,8 @@ class AutoencoderModule(TrainingStage):
         gan: adversarial settings; None for stage 1.
         patch_decode: stage-3 patch decoding; None to always decode whole frames.
         regularization: latent regularization (Video VF loss or a Table-1 baseline); None for none.
-        init_from: checkpoint of an earlier stage (Lightning ``.ckpt``; EMA weights preferred when present).
+        init_from: the FSAE to start from: a saved-model folder (``fsvideo export``) or a run directory /
+            checkpoint of an earlier stage (EMA weights preferred when kept).
         dcae_weights: local diffusers ``AutoencoderDC`` folder to start from (the paper's initialisation).
         ema_decay: decay of the EMA weights used for validation and export; 0 disables EMA.
         max_nonfinite_in_row: stop after this many consecutive non-finite steps.
@@ -166,36 +167,36 @@ class AutoencoderModule(TrainingStage):
             )
         if init_from_variant and init_from is None:
             raise ValueError("init_from_variant needs init_from: the checkpoint of the variant to start from")
+        init = None if init_from is None else read_snapshot(init_from, expected=FSAE)
         if init_from_variant:
-            self.autoencoder, report = load_decoder_variant(read_autoencoder_state(init_from), autoencoder)
+            self.autoencoder, report = load_decoder_variant(dict(init.weights), autoencoder)
             print(report)
         elif dcae_weights is not None:
             self.autoencoder, _ = import_dcae(dcae_weights, config=autoencoder)
         else:
             self.autoencoder = FSAE(autoencoder)
             self.autoencoder.init_weights()
-        if init_from is not None and not init_from_variant:
-            load_module_weights(self.autoencoder, init_from, prefix="autoencoder")
+        if init is not None and not init_from_variant:
+            load_weights(self.autoencoder, init.weights, init.source)
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:
             self.autoencoder.encoder.requires_grad_(False).eval()
         self.autoencoder_ema = make_ema_twin(self.autoencoder) if ema_decay > 0 else None
         self.regularization = regularization
         self.vf_loss = None
-        # Frozen networks (LPIPS, DINOv2; I3D in self.fvd) are kept out of the module tree so that they never land in
-        # checkpoints; they follow the batch's device when used.
-        self.frozen = {
-            "lpips": PerceptualLoss(
+        self.frozen.add(
+            "lpips",
+            PerceptualLoss(
                 net=self.perceptual_config.net,
                 backbone_path=self.perceptual_config.backbone_path,
                 frames_per_slice=self.perceptual_config.frames_per_slice,
-            )
-        }
+            ),
+        )
         if regularization is not None and regularization.method == "video_vf":
             dino = FrameFeatureEncoder.from_pretrained(
                 regularization.dino_path, regularization.frames_per_batch
             )
-            self.frozen["dino"] = dino
+            self.frozen.add("dino", dino)
             self.vf_loss = VideoVFLoss(
                 dataclasses.replace(
                     regularization.vf, latent_channels=autoencoder.latent_channels, feature_channels=dino.dim
@@ -214,8 +215,10 @@ class AutoencoderModule(TrainingStage):
             prefix="val/",
         )
         self.val_examples: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Kept out of the module tree so that the frozen I3D never lands in checkpoints.
-        self.fvd = {"extractor": load_video_feature_extractor(fvd_extractor)} if fvd_extractor else {}
+        if fvd_extractor:
+            self.frozen.add("fvd", load_video_feature_extractor(fvd_extractor))
+        self.fvd_statistics: dict[str, FeatureStatistics] = {}
+        """Real and generated I3D feature statistics of the current validation."""
 
     # ---- optimisation ---------------------------------------------------------------------------
 
@@ -242,7 +245,7 @@ class AutoencoderModule(TrainingStage):
 
     def perceptual(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """LPIPS between two ``B×3×T×H×W`` videos in [-1, 1], averaged over frames and batch."""
-        return self.frozen["lpips"].to(recon.device)(recon, target)
+        return self.frozen["lpips"](recon, target)
 
     def gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.gan_config.start_step
@@ -276,7 +279,7 @@ class AutoencoderModule(TrainingStage):
         """The weighted latent-regularization term (key ``reg``) and its parts, for logging."""
         config = self.regularization
         if config.method == "video_vf":
-            features = self.frozen["dino"].to(video.device)(video)
+            features = self.frozen["dino"](video)
             out = self.vf_loss(latent, features)
             return {"reg": out.loss, "vf_mcos": out.mcos, "vf_mdms": out.mdms}
         regularize = downscale_regularization if config.method == "downscale" else upscale_regularization
@@ -342,6 +345,9 @@ class AutoencoderModule(TrainingStage):
 
     # ---- validation ------------------------------------------------------------------------------
 
+    def saved_networks(self) -> dict[str, SavedNetwork]:
+        return {"autoencoder": SavedNetwork(self.autoencoder, self.autoencoder_ema)}
+
     def inference_autoencoder(self) -> nn.Module:
         """The weights to evaluate and export: EMA when kept."""
         return self.autoencoder_ema if self.autoencoder_ema is not None else self.autoencoder
@@ -357,7 +363,7 @@ class AutoencoderModule(TrainingStage):
         self.val_metrics["psnr"].update((recon_frames + 1) / 2, (frames + 1) / 2)
         self.val_metrics["ssim"].update((recon_frames + 1) / 2, (frames + 1) / 2)
         self.val_metrics["lpips"].update(self.perceptual(recon, video))
-        if self.fvd:
+        if "fvd" in self.frozen:
             self.update_fvd(video, recon)
         if batch_idx == 0:
             keep = slice(0, self.num_val_videos)
@@ -366,8 +372,8 @@ class AutoencoderModule(TrainingStage):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
-        if self.fvd.get("real") is not None:
-            real, fake = self.fvd.pop("real"), self.fvd.pop("fake")
+        if self.fvd_statistics:
+            real, fake = self.fvd_statistics.pop("real"), self.fvd_statistics.pop("fake")
             if real.count < 2:
                 raise ValueError(
                     f"FVD needs at least 2 validation videos, got {real.count}; raise data.val_batches."
@@ -375,10 +381,10 @@ class AutoencoderModule(TrainingStage):
             self.log("val/fvd", frechet_distance(*real.compute(), *fake.compute()))
 
     def update_fvd(self, video: torch.Tensor, recon: torch.Tensor) -> None:
-        extractor = self.fvd["extractor"].to(video.device)
+        extractor = self.frozen["fvd"]
         real_features, fake_features = extractor(video), extractor(recon)
-        if self.fvd.get("real") is None:
-            self.fvd["real"] = FeatureStatistics(real_features.shape[1])
-            self.fvd["fake"] = FeatureStatistics(real_features.shape[1])
-        self.fvd["real"].update(real_features)
-        self.fvd["fake"].update(fake_features)
+        if not self.fvd_statistics:
+            self.fvd_statistics["real"] = FeatureStatistics(real_features.shape[1])
+            self.fvd_statistics["fake"] = FeatureStatistics(real_features.shape[1])
+        self.fvd_statistics["real"].update(real_features)
+        self.fvd_statistics["fake"].update(fake_features)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from fsvideo.pretrained import MANIFEST_KEY, network_manifest_entry, save_snapshot, snapshot_of
 from lightning_modules.ema import update_ema
+from lightning_modules.frozen import FrozenNetworks
 
 
 @dataclass
@@ -47,6 +50,18 @@ class OptimizerConfig:
         return optimizer, scheduler
 
 
+@dataclass
+class SavedNetwork:
+    """A network a stage trains, as checkpoints name it and ``fsvideo export`` writes it."""
+
+    network: nn.Module
+    """The trained network (a ``fsvideo.pretrained.PretrainedNetwork``)."""
+    ema: nn.Module | None = None
+    """Its EMA twin, exported by default when kept."""
+    records: dict[str, Any] = field(default_factory=dict)
+    """What it must be used with (json types): latent statistics, latent space, distilled step count, …"""
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
@@ -66,6 +81,14 @@ class TrainingStage(L.LightningModule):
         self.max_nonfinite_in_row = max_nonfinite_in_row
         self.nonfinite_in_row = 0
         self.register_buffer("skipped_nonfinite", torch.zeros((), dtype=torch.long), persistent=True)
+        self.frozen = FrozenNetworks()
+        """Networks used but not trained (``lightning_modules.frozen``): out of checkpoints and optimizers."""
+
+    def _apply(self, fn, recurse: bool = True):
+        # device moves and casts of the module reach the frozen networks it keeps outside its tree
+        super()._apply(fn, recurse)
+        self.frozen.apply(fn)
+        return self
 
     def guarded_step(
         self,
@@ -117,7 +140,36 @@ class TrainingStage(L.LightningModule):
             f"input data. Last good checkpoint: {last}. Lower the LR and resume with --ckpt_path."
         )
 
+    def saved_networks(self) -> dict[str, SavedNetwork]:
+        """The networks this stage trains, by the name they are exported under (``dit``, ``autoencoder``, …).
+
+        Every checkpoint names them in its manifest (``fsvideo.pretrained``), so a run is read by what it says it
+        holds, not by the attribute names of the module that wrote it."""
+        return {}
+
+    def network_manifest(self) -> dict[str, Any]:
+        prefixes = {id(module): name for name, module in self.named_modules() if name}
+        manifest = {}
+        for name, saved in self.saved_networks().items():
+            ema_prefix = None if saved.ema is None else prefixes[id(saved.ema)]
+            manifest[name] = network_manifest_entry(
+                saved.network, prefixes[id(saved.network)], ema_prefix, saved.records
+            )
+        return manifest
+
+    def export_networks(self, out: str | Path, raw: bool = False) -> dict[str, Path]:
+        """Write each network of ``saved_networks`` as a saved-model folder ``out/<name>/`` (EMA weights where
+        kept, unless ``raw``); call on every rank (sharded weights are gathered), rank 0 writes."""
+        written = {}
+        for name, saved in self.saved_networks().items():
+            network = saved.network if raw or saved.ema is None else saved.ema
+            snapshot = snapshot_of(network, saved.records)
+            if self.trainer.is_global_zero:
+                written[name] = save_snapshot(snapshot, Path(out) / name)
+        return written
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[MANIFEST_KEY] = self.network_manifest()
         checkpoint["rng_states"] = capture_rng_states()
         checkpoint["nonfinite_in_row"] = self.nonfinite_in_row
 

@@ -18,8 +18,9 @@ by zeros, independently (``fsvideo.encoders.drop_conditions``), as the sampler's
 Validation: the EMA weights' loss at fixed σ values with noise from a seeded generator, so curves compare
 across steps and runs, plus the Figure 6 router heatmap of the first batch (``val_router_heatmap``).
 
-Latent space: checkpoints record the ``LatentSpace`` of the data the DiT trained on (FSAE encoder, text and
-image encoders, text length; ``checkpoint["latent_space"]``). Training on data of another latent space is
+Latent space: a saved DiT records the ``LatentSpace`` of the data it trained on (FSAE encoder, text and
+image encoders, text length) and its latent statistics (``records`` of its saved-model folder and of the
+checkpoint's network manifest, ``fsvideo.pretrained``). Training on data of another latent space is
 refused, both from an ``init_from`` checkpoint and when resuming (``--ckpt_path``); a checkpoint without the
 record (converted Wan2.1 weights, older runs) is accepted with a warning.
 """
@@ -29,19 +30,15 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from safetensors import safe_open
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from datamodules.latent_cache import LatentSpace, LatentStats
-from fsvideo.checkpoints import load_module_weights, pick_module_weights, read_state_dict
-from fsvideo.dit import DiT, DiTConfig, build_i2v_condition, router_heatmap
+from datamodules.latents import LatentData
+from fsvideo.dit import DiT, DiTConfig, FrameCondition, image_to_video, router_heatmap, text_to_image
 from fsvideo.encoders import drop_conditions
 from fsvideo.flow import (
     interpolate,
@@ -51,33 +48,10 @@ from fsvideo.flow import (
     shift_sigma,
     velocity_target,
 )
-from fsvideo.latent_space import LATENT_SPACE_KEY, read_latent_space_record
-from lightning_modules.base import OptimizerConfig, TrainingStage
+from fsvideo.latent_space import LATENT_SPACE, LATENT_STATS, LatentSpace, LatentStats
+from fsvideo.pretrained import MANIFEST_KEY, NetworkSnapshot, load_weights, read_snapshot
+from lightning_modules.base import OptimizerConfig, SavedNetwork, TrainingStage
 from lightning_modules.ema import make_ema_twin
-
-
-def latent_stats_of_checkpoint(path: str | Path) -> LatentStats | None:
-    """The ``latent_mean`` / ``latent_std`` a DiT checkpoint was trained with, or None when it holds none.
-
-    Memory-maps the file, so only these two tensors are read, whatever the size of the checkpoint.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            state = {k: f.get_tensor(k) for k in ("latent_mean", "latent_std") if k in keys}
-    else:
-        state = read_state_dict(path)
-    mean, std = state.get("latent_mean"), state.get("latent_std")
-    if mean is None or std is None or torch.isnan(mean).any():
-        return None
-    return LatentStats(mean.tolist(), std.tolist(), elements_per_channel=0)
-
-
-def latent_space_of_checkpoint(path: str | Path) -> LatentSpace | None:
-    """The latent space a DiT checkpoint records, or None when it records none (converted weights, old runs)."""
-    record = read_latent_space_record(path)
-    return None if record is None else LatentSpace.from_record(record, f"checkpoint {path}")
 
 
 @dataclass
@@ -135,7 +109,9 @@ class DiTModule(TrainingStage):
             latents with. None keeps the normalisation of the ``init_from`` checkpoint (so a chain of stages
             shares the first stage's), or else takes the DataModule's (its cache's). Stored in checkpoints
             (``latent_mean``, ``latent_std``) for inference.
-        init_from: checkpoint of the previous stage (EMA weights preferred when present).
+        init_from: the DiT to start from: a saved-model folder (``fsvideo export``, ``DiT.save_pretrained``,
+            converted Wan2.1 weights), or a run directory / checkpoint of the previous stage (EMA weights
+            preferred when kept). Its latent statistics and latent space come with it.
         val_sigmas: noise levels at which validation measures the loss.
         val_seed: seed of the validation noise (the generator of batch i is seeded with ``val_seed + i``).
         fsdp: shard the DiT and its EMA twin with FSDP2 (``fully_shard`` per block, then the whole network)
@@ -185,13 +161,20 @@ class DiTModule(TrainingStage):
         self.register_buffer("latent_std", torch.full((channels,), math.nan))
         self.register_buffer("empty_text_tokens", None, persistent=False)
         self.register_buffer("empty_text_mask", None, persistent=False)
+        self.init_snapshot: NetworkSnapshot | None = None
+        """The ``init_from`` network (weights memory-mapped); sharded networks load it in ``configure_model``."""
+        self.init_latent_space: LatentSpace | None = None
         if init_from is not None:
-            if not fsdp:  # sharded networks load in configure_model, once they exist
-                load_module_weights(self.dit, init_from, prefix="dit")
-            inherited = latent_stats_of_checkpoint(init_from)
-            if inherited is not None:
-                self.set_latent_stats(inherited)
-        self.init_latent_space = None if init_from is None else latent_space_of_checkpoint(init_from)
+            self.init_snapshot = read_snapshot(init_from, expected=DiT)
+            if not fsdp:
+                load_weights(self.dit, self.init_snapshot.weights, self.init_snapshot.source)
+            records = self.init_snapshot.records
+            if records.get(LATENT_STATS) is not None:
+                self.set_latent_stats(LatentStats.from_record(records[LATENT_STATS]))
+            if records.get(LATENT_SPACE) is not None:
+                self.init_latent_space = LatentSpace.from_record(
+                    records[LATENT_SPACE], self.init_snapshot.source
+                )
         self.latent_space = self.init_latent_space
         """The latent space of the training data, recorded in checkpoints (None while unknown)."""
         self.dit_ema = make_ema_twin(self.dit) if ema_decay > 0 else None
@@ -223,9 +206,8 @@ class DiTModule(TrainingStage):
                 fully_shard(block, mesh=mesh)
             fully_shard(network, mesh=mesh)
             network.to_empty(device=device)
-        if self.init_from is not None:
-            weights, _ = pick_module_weights(self.dit, self.init_from, prefix="dit")
-            set_model_state_dict(self.dit, weights, options=StateDictOptions(full_state_dict=True))
+        if self.init_snapshot is not None:  # each rank reads its own rows of every tensor
+            load_weights(self.dit, self.init_snapshot.weights, self.init_snapshot.source)
         else:
             self.dit.init_weights()
         if self.dit_ema is not None:
@@ -235,10 +217,15 @@ class DiTModule(TrainingStage):
 
     # ---- inputs ------------------------------------------------------------------------------------------
 
-    def _data_latent_space(self) -> LatentSpace | None:
-        """The DataModule's ``latent_space`` (set by its ``setup``), or None when it offers none."""
+    def _latent_data(self) -> LatentData | None:
+        """The DataModule when it offers latent-space information (``datamodules.latents.LatentData``)."""
         datamodule = self._trainer.datamodule if self._trainer is not None else None
-        return getattr(datamodule, "latent_space", None)
+        return datamodule if isinstance(datamodule, LatentData) else None
+
+    def _data_latent_space(self) -> LatentSpace | None:
+        """The DataModule's latent space (set by its ``setup``), or None when it offers none."""
+        data = self._latent_data()
+        return None if data is None else data.latent_space
 
     def setup(self, stage: str) -> None:
         data_space = self._data_latent_space()
@@ -256,8 +243,8 @@ class DiTModule(TrainingStage):
                     f"whether it was trained on latents like those of {data_space.source} is not checked."
                 )
             self.latent_space = data_space
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        offered = getattr(datamodule, "latent_stats", None)
+        data = self._latent_data()
+        offered = None if data is None else data.latent_stats
         if self.latent_stats_path is not None:
             self.set_latent_stats(LatentStats.read(self.latent_stats_path))
         elif torch.isnan(self.latent_mean).any():
@@ -275,20 +262,27 @@ class DiTModule(TrainingStage):
                     f"(means apart by up to {deviation.max():.2f} std); the DiT keeps its own (from init_from). "
                     "Set model.init_args.latent_stats to choose explicitly."
                 )
-        empty_text = getattr(datamodule, "empty_text", None)
-        if empty_text is not None:
-            self.set_empty_text(*empty_text)
+        if data is not None and data.empty_text is not None:
+            self.set_empty_text(*data.empty_text)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+    def saved_networks(self) -> dict[str, SavedNetwork]:
+        return {"dit": SavedNetwork(self.dit, self.dit_ema, self.dit_records())}
+
+    def dit_records(self) -> dict[str, Any]:
+        """What a saved DiT is used with: its latent statistics and the latent space it trained in."""
+        records: dict[str, Any] = {}
+        if not torch.isnan(self.latent_mean).any():
+            stats = LatentStats(self.latent_mean.tolist(), self.latent_std.tolist(), elements_per_channel=0)
+            records[LATENT_STATS] = stats.record()
         if self.latent_space is not None:
-            checkpoint[LATENT_SPACE_KEY] = self.latent_space.record()
+            records[LATENT_SPACE] = self.latent_space.record()
+        return records
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming (called after ``setup``): the checkpoint's latent space must be the data's."""
         super().on_load_checkpoint(checkpoint)
         path = getattr(self._trainer, "ckpt_path", None) or "being loaded"
-        record = checkpoint.get(LATENT_SPACE_KEY)
+        record = checkpoint.get(MANIFEST_KEY, {}).get("dit", {}).get("records", {}).get(LATENT_SPACE)
         recorded = None if record is None else LatentSpace.from_record(record, f"checkpoint {path}")
         data_space = self._data_latent_space()
         if data_space is None:
@@ -367,6 +361,14 @@ class DiTModule(TrainingStage):
         shift = self.flow.shift_for(z0[0, 0].numel() // self.dit.config.patch_volume)
         return sigma if shift == 1.0 else shift_sigma(sigma, shift)
 
+    def build_condition(self, z0: torch.Tensor, batch: dict[str, Any]) -> FrameCondition:
+        """The conditioning task of a batch: image to video for clips (frame 0 given), none for stills (text to
+        image: a still's only frame would otherwise be given, and the image stage learns text-visual alignment)."""
+        mask_channels = self.dit.config.mask_channels
+        if z0.shape[2] > 1:
+            return image_to_video(z0[:, :, :1], z0.shape[2], mask_channels)
+        return text_to_image(z0, mask_channels)
+
     def flow_loss(
         self,
         network: nn.Module,
@@ -379,20 +381,12 @@ class DiTModule(TrainingStage):
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Pseudo-Huber flow-matching loss of ``network`` at noise levels ``sigma`` ``B`` with ``noise``
         (shaped like the normalised latent ``z0`` ``B×C×t×h×w``); also the router maxima when asked."""
-        batch_size, channels, frames, height, width = z0.shape
-        is_video = frames > 1
-        mask_channels = self.dit.config.mask_channels
-        if is_video:
-            condition = build_i2v_condition(z0[:, :, :1], frames, mask_channels)
-        else:
-            condition = z0.new_zeros(batch_size, mask_channels + channels, frames, height, width)
-        text, text_mask, image = self.conditions(batch, is_video, drop)
-        latent_in = torch.cat([interpolate(z0, noise, sigma), condition], dim=1)  # (B, 2C + k, t, h, w)
+        condition = self.build_condition(z0, batch)
+        text, text_mask, image = self.conditions(batch, z0.shape[2] > 1, drop)
+        latent_in = condition.model_input(interpolate(z0, noise, sigma))  # (B, 2C + k, t, h, w)
         out = network(latent_in, sigma, text, image, text_mask, return_router_weights=return_router_weights)
         pred, router_maxima = out if return_router_weights else (out, None)
-        target = velocity_target(z0, noise)
-        if is_video:  # latent frame 0 is given (module docstring)
-            pred, target = pred[:, :, 1:], target[:, :, 1:]
+        pred, target = condition.loss_pair(pred, velocity_target(z0, noise))
         return pseudo_huber_loss(pred, target, c=self.flow.huber_c), router_maxima
 
     # ---- training ----------------------------------------------------------------------------------------
@@ -414,9 +408,9 @@ class DiTModule(TrainingStage):
         if stepped:
             self.update_ema(self.dit_ema, self.dit)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
-        datamodule = self._trainer.datamodule
-        if hasattr(datamodule, "skipped_counts") and self.global_step % self._trainer.log_every_n_steps == 0:
-            self.log_dict(datamodule.skipped_counts(), sync_dist=True, reduce_fx="sum")
+        data = self._latent_data()
+        if data is not None and self.global_step % self._trainer.log_every_n_steps == 0:
+            self.log_dict(data.skipped_counts(), sync_dist=True, reduce_fx="sum")
         return loss
 
     # ---- validation --------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from run_dirs import FRAMES, HEIGHT, WIDTH, write_test_image, write_tiny_runs
 
-from fsvideo.ae import FSAE, NUM_FIRST_FRAME_FEATURES, FSAEConfig
-from fsvideo.dit import DiT, DiTConfig
-from fsvideo.encoders import save_tiny_encoders
+from fsvideo.ae import FSAE, NUM_FIRST_FRAME_FEATURES
 from fsvideo.pipeline import (
     FSVideoPipeline,
     GenerationSettings,
@@ -23,83 +21,6 @@ from fsvideo.pipeline import (
     load_image,
     read_latent_stats,
 )
-
-FRAMES, HEIGHT, WIDTH = 5, 128, 64
-
-
-def _plain(config) -> dict:
-    """A config dataclass as YAML-safe plain values (tuples become lists, as jsonargparse writes them)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def _write_run(run: Path, module: str, section: str, config, state_dict: dict[str, torch.Tensor]) -> Path:
-    """A run directory as ``fsvideo fit`` leaves it: ``config.yaml`` and ``checkpoints/last.ckpt``."""
-    (run / "checkpoints").mkdir(parents=True)
-    run_config = {"model": {"class_path": module, "init_args": {section: _plain(config)}}}
-    (run / "config.yaml").write_text(yaml.safe_dump(run_config))
-    torch.save({"state_dict": state_dict, "global_step": 10}, run / "checkpoints" / "last.ckpt")
-    return run
-
-
-def _prefixed(prefix: str, network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.clone() for k, v in network.state_dict().items()}
-
-
-def write_tiny_runs(directory: Path, latent_stats: bool = True) -> Path:
-    """Tiny FSAE and DiT runs, tiny encoders and a pipeline config for them; returns the config path."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    fsae_config = FSAEConfig.tiny()
-    autoencoder = FSAE(fsae_config)
-    autoencoder.init_weights()
-    fsae_run = _write_run(
-        directory / "fsae",
-        "lightning_modules.autoencoder.AutoencoderModule",
-        "autoencoder",
-        fsae_config,
-        {**_prefixed("autoencoder", autoencoder), **_prefixed("autoencoder_ema", autoencoder)},
-    )
-    dit_config = DiTConfig.tiny(latent_channels=fsae_config.latent_channels)
-    dit = DiT(dit_config)
-    with torch.no_grad():  # move every weight off its init (the head starts at zero)
-        for param in dit.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    channels = fsae_config.latent_channels
-    state = {**_prefixed("dit", dit), **_prefixed("dit_ema", dit)}
-    if latent_stats:
-        state["latent_mean"] = 0.1 * torch.randn(channels, generator=generator)
-        state["latent_std"] = 0.5 + torch.rand(channels, generator=generator)
-    dit_run = _write_run(directory / "dit", "lightning_modules.dit.DiTModule", "dit", dit_config, state)
-    encoders = save_tiny_encoders(directory / "encoders")
-    config = {
-        "autoencoder": str(fsae_run),
-        "dit": str(dit_run),
-        "text_encoder": str(encoders["text"]),
-        "image_encoder": str(encoders["image"]),
-        "text_len": 16,
-        "device": "cpu",
-        "generation": {
-            "num_frames": FRAMES,
-            "height": HEIGHT,
-            "width": WIDTH,
-            "steps": 3,
-            "guidance_scale": 3.0,
-            "shift": 2.0,
-            "sampler": "euler",
-            "seed": 0,
-        },
-    }
-    path = directory / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def write_test_image(path: Path, height: int = 96, width: int = 160, mode: str = "RGB") -> Path:
-    """A smooth colour image (wider than the video, so "crop" has work to do)."""
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 9.0)], axis=-1).astype(np.uint8)
-    Image.fromarray(rgb).convert(mode).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ Public API:
                             convs, halved outer decoder widths); DECODER_VARIANTS lists the names.
     load_decoder_variant(source FSAE | state dict, config) → (FSAE, VariantImportReport)
                             copies what fits, re-initialises (and reports) the rest.
-    read_autoencoder_state(checkpoint)   the (EMA) FSAE weights of a training checkpoint.
     CausalCache             causal state across temporal chunks (for custom chunked loops).
     encode_chunked, decode_chunked, encode_tiled, decode_tiled   the functions behind ``tiling``.
 """
@@ -36,7 +35,7 @@ from fsvideo.ae.config import DECODER_VARIANTS, NUM_FIRST_FRAME_FEATURES, FSAECo
 from fsvideo.ae.conv import CausalCache, CausalConv3d
 from fsvideo.ae.patch import Box, PatchDecodeOutput, tail_margins
 from fsvideo.ae.tiling import TilingConfig, decode_chunked, decode_tiled, encode_chunked, encode_tiled
-from fsvideo.ae.variants import VariantImportReport, load_decoder_variant, read_autoencoder_state
+from fsvideo.ae.variants import VariantImportReport, load_decoder_variant
 
 __all__ = [
     "FSAE",
@@ -55,6 +54,5 @@ __all__ = [
     "encode_chunked",
     "encode_tiled",
     "load_decoder_variant",
-    "read_autoencoder_state",
     "tail_margins",
 ]

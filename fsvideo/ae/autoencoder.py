@@ -18,14 +18,18 @@ from fsvideo.ae.injection import FirstFrameCrossAttention, NoiseSource
 from fsvideo.ae.norm import PixelNorm
 from fsvideo.ae.patch import PatchDecodeOutput, decode_patch
 from fsvideo.ae.tiling import TilingConfig, decode_tiled, encode_tiled
+from fsvideo.pretrained import PretrainedNetwork
 
 VALUE_TOLERANCE = 1e-2
 """How far outside [-1, 1] input pixels may stray (resampling overshoot) before encode refuses them."""
 
 
-class FSAE(nn.Module):
+class FSAE(PretrainedNetwork, nn.Module):
     """Build on the meta device with ``with torch.device("meta"): FSAE(config)``, then
-    ``model.to_empty(device=...)`` and ``model.init_weights()``."""
+    ``model.to_empty(device=...)`` and ``model.init_weights()``. Saved and loaded as a saved-model folder
+    (``save_pretrained`` / ``from_pretrained``, ``fsvideo.pretrained``)."""
+
+    config_class = FSAEConfig
 
     def __init__(self, config: FSAEConfig) -> None:
         super().__init__()

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from fsvideo.ae.autoencoder import FSAE
 from fsvideo.ae.config import FSAEConfig
-from fsvideo.checkpoints import read_state_dict
 
 
 @dataclass
@@ -83,15 +81,3 @@ def load_decoder_variant(
         )
     model.load_state_dict({name: state[name] for name in report.copied}, strict=False)
     return model, report
-
-
-def read_autoencoder_state(path: str | Path, prefix: str = "autoencoder") -> dict[str, torch.Tensor]:
-    """The ``{prefix}_ema.*`` weights of a checkpoint, else ``{prefix}.*``, with the prefix removed."""
-    state = read_state_dict(path)
-    for source in (f"{prefix}_ema.", f"{prefix}."):
-        picked = {k[len(source) :]: v for k, v in state.items() if k.startswith(source)}
-        if picked:
-            return picked
-    raise ValueError(
-        f"{path} holds no '{prefix}.*' or '{prefix}_ema.*' weights; it is not an FSAE checkpoint."
-    )

@@ -32,6 +32,7 @@ from fsvideo.dit.embeddings import ImageEmbedding, TextEmbedding, TimestepEmbedd
 from fsvideo.dit.layer_memory import LayerMemoryRouter
 from fsvideo.dit.norms import FP32LayerNorm
 from fsvideo.dit.rope import rope_rotations
+from fsvideo.pretrained import PretrainedNetwork
 
 
 class DiTHead(nn.Module):
@@ -49,7 +50,9 @@ class DiTHead(nn.Module):
         return self.proj((self.norm(x.float()) * (1 + scale[:, None]) + shift[:, None]).type_as(x))
 
 
-class DiT(nn.Module):
+class DiT(PretrainedNetwork, nn.Module):
+    config_class = DiTConfig
+
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.config = config

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from run_dirs import write_network_run
 from torch.utils.data import DataLoader
 
 from cli import main
@@ -174,9 +175,8 @@ def test_importer_copies_what_fits_and_reports_the_rest(models):
 
 
 def test_decoder_finetune_from_a_stage3_checkpoint_keeps_the_encoder_bit_identical(models, tmp_path, capsys):
-    checkpoint = tmp_path / "stage3.ckpt"
-    torch.save(
-        {"state_dict": {f"autoencoder.{k}": v for k, v in models["causal"].state_dict().items()}}, checkpoint
+    checkpoint = (
+        write_network_run(tmp_path / "stage3", "autoencoder", models["causal"]) / "checkpoints" / "last.ckpt"
     )
     module = AutoencoderModule(
         autoencoder=TINY.with_decoder_variant("standard"),
@@ -219,11 +219,7 @@ def test_decoder_finetune_from_a_stage3_checkpoint_keeps_the_encoder_bit_identic
 
 def test_tiny_configs_chain_stage3_to_standard_to_lite(models, sample_shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    stage3 = tmp_path / "stage3.ckpt"
-    torch.save(
-        {"state_dict": {f"autoencoder.{k}": v for k, v in models["causal"].state_dict().items()}}, stage3
-    )
-    previous = stage3
+    previous = write_network_run(tmp_path / "stage3", "autoencoder", models["causal"])
     for variant in ("standard", "lite"):
         run_dir = tmp_path / variant
         main(

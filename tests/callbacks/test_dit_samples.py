@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from fsae_runs import write_fsae_run
 from lightning.pytorch.trainer.states import TrainerFn
+from run_dirs import write_fsae_run
 
 from callbacks.dit_samples import DiTSamples, read_held_out_clips
 from callbacks.videos import save_videos
@@ -259,7 +259,7 @@ def test_sharded_dit_samples_on_every_rank_equal_unsharded(cache, tmp_path):
     source = DiTModule(DiTConfig.tiny(), ema_decay=0.9)
     source.set_latent_stats(cache.stats)
     init_from = tmp_path / "init.ckpt"
-    torch.save({"state_dict": source.state_dict()}, init_from)
+    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, init_from)
     plain = cli_fit(tmp_path / "plain", cache, init_from)
     sharded = cli_fit(
         tmp_path / "sharded",

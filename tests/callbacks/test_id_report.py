@@ -1,11 +1,9 @@
 import json
-from dataclasses import asdict
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
 from dadapy import Data
 from lightning.pytorch.loggers import Logger
 from torch import nn
@@ -17,7 +15,6 @@ from callbacks.id_report import (
     LatentPoints,
     compare_checkpoints,
     encode_batch,
-    load_autoencoder_from_run,
     split_by_kind,
 )
 from callbacks.intrinsic_dimension import IntrinsicDimensionCallback, row_scalars, wandb_payload
@@ -239,37 +236,3 @@ def test_wandb_payload_table_and_curve():
     assert table.data == [["m", "video", 100, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
     assert "id/curve" in payload
     assert row_scalars(report) == {f"id/video_k{k}": float(i + 1) for i, k in enumerate(PAPER_SCALES)}
-
-
-def test_load_autoencoder_from_run_reads_config_and_ema_weights(tmp_path):
-    from fsvideo.ae import FSAE, FSAEConfig
-
-    config = FSAEConfig.tiny()
-    trained, ema = FSAE(config), FSAE(config)
-    trained.init_weights()
-    ema.init_weights()
-    state = {f"autoencoder.{k}": v for k, v in trained.state_dict().items()}
-    state |= {f"autoencoder_ema.{k}": v for k, v in ema.state_dict().items()}
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    torch.save({"state_dict": state}, run / "checkpoints" / "last.ckpt")
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"autoencoder": fields}}}))
-
-    video = torch.rand(1, 3, 1, 64, 64) * 2 - 1
-    with torch.no_grad():
-        expected = ema.eval().encode(video)
-        assert not torch.equal(trained.eval().encode(video), expected)
-        for path in (run, run / "checkpoints" / "last.ckpt"):
-            loaded = load_autoencoder_from_run(path)
-            assert not loaded.training and loaded.config == config
-            assert torch.equal(loaded.encode(video), expected)  # the EMA weights, not the trained ones
-
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"dit": {}}}}))
-    with pytest.raises(ValueError, match="no model.init_args.autoencoder"):
-        load_autoencoder_from_run(run)
-    orphan = tmp_path / "a" / "b" / "x.ckpt"  # two folders up from it hold no config.yaml
-    orphan.parent.mkdir(parents=True)
-    orphan.write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="no config.yaml beside"):
-        load_autoencoder_from_run(orphan)

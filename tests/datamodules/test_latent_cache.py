@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from fsae_runs import SMALL_FSAE, write_fsae_run
+from run_dirs import SMALL_FSAE, write_fsae_run
 
 from datamodules.buckets import BucketConfig
 from datamodules.latent_cache import LatentCache, read_cache_samples

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from fsae_runs import write_fsae_run
+from run_dirs import write_fsae_run
 from synthetic_media import caption, mp4, write_tar
 
 from datamodules.buckets import BucketConfig

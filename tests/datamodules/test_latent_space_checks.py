@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fsae_runs import SMALL_FSAE, write_fsae_run
+from run_dirs import SMALL_FSAE, write_fsae_run
 
 from cli import FSVideoCLI
 from datamodules.buckets import BucketConfig
@@ -99,12 +99,15 @@ def test_latent_space_is_the_encoders_not_the_decoder(made, sample_shards):
 
 
 def test_checkpoint_records_latent_space_and_chained_stage_is_accepted(made):
-    record = torch.load(made.checkpoint, weights_only=True)["latent_space"]
+    record = torch.load(made.checkpoint, weights_only=True)["networks"]["dit"]["records"]["latent_space"]
     assert record["fields"] == made.image.latent_space.fields
     assert record["source"] == f"latent cache {made.image.root}"
     chained = made.root / "chained"
     fit(chained, made.video.root, f"--model.init_args.init_from={made.checkpoint}")
-    record = torch.load(chained / "checkpoints" / "last.ckpt", weights_only=True)["latent_space"]
+    record = torch.load(chained / "checkpoints" / "last.ckpt", weights_only=True)["networks"]["dit"][
+        "records"
+    ]
+    record = record["latent_space"]
     assert record["fields"] == made.image.latent_space.fields
 
 
@@ -120,7 +123,7 @@ def test_fit_refuses_data_of_another_latent_space(made):
 
 def test_checkpoint_without_record_is_accepted_with_a_warning(made):
     checkpoint = torch.load(made.checkpoint, weights_only=True)
-    del checkpoint["latent_space"]
+    del checkpoint["networks"]["dit"]["records"]["latent_space"]
     old = made.dit / "checkpoints" / "no-record.ckpt"
     torch.save(checkpoint, old)
     with pytest.warns(UserWarning, match="records no latent space"):

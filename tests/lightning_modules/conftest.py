@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from fsae_runs import write_fsae_run
+from run_dirs import write_fsae_run
 
 from datamodules.buckets import BucketConfig
 from datamodules.latent_writer import encode_shards

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cli import FSVideoCLI
-from datamodules.latent_cache import LatentStats
 from fsvideo.dit import DiT, DiTConfig
+from fsvideo.latent_space import LatentStats
 from lightning_modules.dit import DiTModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def test_init_from_prefers_ema_weights(tmp_path):
         for p in source.dit_ema.parameters():
             p.add_(1.0)
     path = tmp_path / "stage.ckpt"
-    torch.save({"state_dict": source.state_dict()}, path)
+    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, path)
     loaded = DiTModule(DiTConfig.tiny(), init_from=str(path))
     for (name, p), q in zip(loaded.dit.named_parameters(), source.dit_ema.parameters()):
         assert torch.equal(p, q), name

@@ -13,7 +13,7 @@ from callbacks.loss_history import read_loss_history
 from cli import FSVideoCLI
 
 REPO = Path(__file__).resolve().parents[2]
-# The test FSAE has 8 latent channels (fsae_runs.SMALL_FSAE); the tiny encoders' widths are the configs'.
+# The test FSAE has 8 latent channels (run_dirs.SMALL_FSAE); the tiny encoders' widths are the configs'.
 SMALL_LATENT = ["--model.init_args.dit.latent_channels=8"]
 VIDEO = "configs/tiny/dit-pretrain-video.yaml"
 FROM_SCRATCH = "--model.init_args.init_from=null"

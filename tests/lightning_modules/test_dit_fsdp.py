@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.latent_cache import LatentStats
 from fsvideo.dit import DiTConfig
+from fsvideo.latent_space import LatentStats
 from lightning_modules.dit import DiTModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def test_sharded_dit_trains_saves_one_file_and_resumes(tiny_latents, tmp_path):
     source = DiTModule(DiTConfig.tiny(), ema_decay=0.9)
     source.set_latent_stats(LatentStats([0.0] * 8, [1.0] * 8, 1))
     init_from = tmp_path / "init.ckpt"
-    torch.save({"state_dict": source.state_dict()}, init_from)
+    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, init_from)
     start = {k: v for k, v in source.state_dict().items() if k.startswith("dit.")}
     run_dir = tmp_path / "run"
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules.latent_cache import LatentStats
 from fsvideo.dit import DiTConfig
 from fsvideo.flow import pseudo_huber_loss
+from fsvideo.latent_space import LatentStats
 from lightning_modules.dit import DiTModule, FlowMatchingConfig
 
 CHANNELS = 8
