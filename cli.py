@@ -137,6 +137,7 @@ PROJECT_PACKAGES = {"cli", "fsvideo", "datamodules", "lightning_modules", "callb
 VALIDATING_PACKAGES = PROJECT_PACKAGES | {"lightning", "lightning_fabric", "pytorch_lightning"}
 VALIDATION_ERRORS = (ValueError, MisconfigurationException)
 ENVIRONMENT_ERRORS = (OSError, yaml.YAMLError)
+PARSER_PACKAGES = {"jsonargparse", "argparse"}  # jsonargparse builds on argparse, which raises some errors
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -164,11 +165,11 @@ def user_error_message(error: Exception) -> str | None:
 
     jsonargparse wraps what a config's classes raise while it builds them ("Does not validate against any of
     the Union subtypes", the whole config, …): the message is that of the first exception in the chain that
-    jsonargparse did not raise. A chain of jsonargparse's own errors is a parse error: its innermost error
-    says what is wrong, its outermost which key.
+    the parser did not raise. A chain of the parser's own errors is a parse error: its innermost error says
+    what is wrong, its outermost which key.
     """
     chain = _causes(error)
-    own = next((e for e in chain if _raised_in(e) != "jsonargparse"), None)
+    own = next((e for e in chain if _raised_in(e) not in PARSER_PACKAGES), None)
     if own is None:
         key = re.match(r'Parser key "([^"]+)"', str(chain[0]))
         message = f"{key[1]}: {chain[-1]}" if key else str(chain[-1])
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         if message is None:
             raise
         if isinstance(error, ArgumentError):
-            command = " ".join(["fsvideo", *[arg for arg in args[:1] if not arg.startswith("-")]])
+            command = " ".join(["fsvideo", *[arg for arg in args[:1] if arg in FSVideoCLI.subcommands()]])
             message += f" (`{command} --help` lists the options)"
         print(f"fsvideo: error: {message}", file=sys.stderr)
         print(f"fsvideo: run again with {DEBUG_FLAG} (or {DEBUG_ENV}=1) for the traceback", file=sys.stderr)
