@@ -89,3 +89,22 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr("datamodules.commands.inspect_shards", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["data", "inspect", "any.tar"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["fitt"], "invalid choice: 'fitt'"),
+        ([*TINY_FIT, "--trainer.max_steps=abc"], "trainer.max_steps: Expected a <class 'int'>"),
+        ([*TINY_FIT, "--model.init_args.bogus=3"], "'bogus' is not accepted"),
+    ],
+)
+def test_parse_errors_name_the_option_in_one_line(argv, words, capsys, monkeypatch):
+    monkeypatch.delenv("FSVIDEO_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and "Traceback" not in err
+    assert err.splitlines()[0].startswith("fsvideo: error: ") and words in err.splitlines()[0]
+    assert "--help` lists the options" in err
