@@ -114,3 +114,15 @@ def data_main(argv: list[str]) -> None:
             max_samples=args.max_samples,
         )
         print(report.format())
+        # Exit non-zero so that a script (or CI) checking shards before training stops here.
+        unreadable = report.skipped.get("shard", 0)
+        if unreadable:
+            raise ValueError(
+                f"{unreadable} shard(s) could not be read to the end (see the problems above); "
+                "copy them again or leave them out."
+            )
+        if not report.usable:
+            raise ValueError(
+                "no sample is usable (see the reasons above); check the shards, or --size, --num-frames "
+                "and --fps against them."
+            )

@@ -90,10 +90,7 @@ def generate_main(argv: list[str] | None = None) -> None:
         parser.error(f"--out must name an .mp4 file, got {out}")
     if args.fps <= 0:
         parser.error(f"--fps must be positive, got {args.fps}")
-    try:
-        _generate(args, out)
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"fsvideo generate: error: {error}\n")
+    _generate(args, out)  # what it raises for bad input, ``fsvideo`` reports in one line
 
 
 def _generate(args: argparse.Namespace, out: Path) -> None:

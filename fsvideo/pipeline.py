@@ -190,7 +190,10 @@ class PipelineConfig:
                 f"pipeline config {path}: no such file; the bundled ones are configs/pipeline/generate.yaml "
                 "(paper) and configs/pipeline/tiny-generate.yaml (CPU), relative to the repository root."
             )
-        fields = yaml.safe_load(path.read_text()) or {}
+        try:
+            fields = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"pipeline config {path} is not valid YAML: {error}") from error
         if not isinstance(fields, dict):
             raise ValueError(
                 f"pipeline config {path} must be a mapping of fields, got {type(fields).__name__}"

@@ -9,6 +9,7 @@ import av
 import pytest
 from test_pipeline import HEIGHT, WIDTH, write_test_image, write_tiny_runs
 
+from cli import main
 from fsvideo.generate import generate_main
 
 
@@ -48,20 +49,26 @@ def test_generate_writes_mp4_and_settings(tiny_config, tmp_path, capsys):
 
 def test_generate_reports_bad_input_without_traceback(tiny_config, tmp_path, capsys):
     config, image = tiny_config
-    base = ["--prompt", "a cat", "--config", str(config)]
+    base = ["generate", "--prompt", "a cat", "--config", str(config)]
     with pytest.raises(SystemExit) as exit_info:
-        generate_main([*base, "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "a.mp4")])
+        main([*base, "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "a.mp4")])
     assert exit_info.value.code == 2
     assert "missing.png: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        generate_main([*base, "--image", str(image), "--out", str(tmp_path / "b.mp4"), "--frames", "10"])
+        main([*base, "--image", str(image), "--out", str(tmp_path / "b.mp4"), "--frames", "10"])
     assert "1 + 4·k" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        generate_main([*base, "--image", str(image), "--out", str(tmp_path / "c.mp4"), "--device", "tpu7"])
+        main([*base, "--image", str(image), "--out", str(tmp_path / "c.mp4"), "--device", "tpu7"])
     assert "unknown device 'tpu7'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        generate_main([*base, "--image", str(image), "--out", str(tmp_path / "c.gif")])
+        main([*base, "--image", str(image), "--out", str(tmp_path / "c.gif")])
     assert "--out must name an .mp4 file" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("dit: [runs/dit\n")
+    with pytest.raises(SystemExit):
+        main(
+            [*base[:-1], str(tmp_path / "bad.yaml"), "--image", str(image), "--out", str(tmp_path / "d.mp4")]
+        )
+    assert "bad.yaml is not valid YAML" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob("*.json"))
 
 

@@ -8,6 +8,7 @@ import tarfile
 
 import av
 import numpy as np
+import pytest
 from synthetic_media import caption, mp4, write_tar
 
 from datamodules.buckets import BucketConfig
@@ -108,3 +109,15 @@ def test_data_commands_write_and_inspect(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "1 shard(s), 8 samples: 5 videos, 3 images, 8 usable, 0 bad" in out and "buckets" in out
+
+
+def test_inspect_command_fails_after_its_report_when_nothing_is_usable(tmp_path, capsys):
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(ValueError, match="1 shard\\(s\\) could not be read"):
+        data_main(["inspect", str(garbage)])
+    assert "unreadable or truncated shard" in capsys.readouterr().out
+    only_bad = write_tar(tmp_path / "bad.tar", [("bad.mp4", b"junk"), ("bad.json", caption())])
+    with pytest.raises(ValueError, match="no sample is usable"):
+        data_main(["inspect", only_bad])
+    assert "0 usable, 1 bad" in capsys.readouterr().out
