@@ -113,8 +113,10 @@ def test_export_command(tmp_path, capsys):
     main(["export", str(run), "--out", str(tmp_path / "models")])
     assert "dit: " in capsys.readouterr().out
     assert (tmp_path / "models" / "dit" / CONFIG_FILE).is_file()
-    with pytest.raises(ValueError, match=r"holds no network \['refiner'\]"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["export", str(run), "--out", str(tmp_path / "models"), "--name", "refiner"])
+    assert exit_info.value.code == 2
+    assert "holds no network ['refiner']" in capsys.readouterr().err
 
 
 def test_torn_foreign_and_mismatched_files_are_one_line_errors(tmp_path):
