@@ -150,7 +150,8 @@ def parallelize(
             twin, whose weights are averaged shard by shard into its network's (checkpointing a twin costs
             nothing, as it never runs a backward).
         frozen: networks that never train: set to eval with ``requires_grad`` off; gradients may still flow
-            through them to their inputs (a reward model).
+            through them to their inputs (a reward model). One that gets no per-block step (``compile`` off,
+            and not sharded) needs no ``blocks``.
         config: what to apply.
         mesh: the devices FSDP shards over; required with ``config.fsdp``.
 
@@ -162,26 +163,29 @@ def parallelize(
             "ParallelConfig.fsdp needs a device mesh to shard over: run with trainer.strategy: "
             "lightning.pytorch.strategies.ModelParallelStrategy, or set fsdp: false."
         )
-    for network in frozen:
-        network.requires_grad_(False).eval()
-    jobs = [(network, False) for network in frozen] + [(network, True) for network in trained]
-    pending = []
-    for network, trains in jobs:
+    plans = []
+    for network, trains in [(n, True) for n in trained] + [(n, False) for n in frozen]:
         applied = getattr(network, _APPLIED, None)
-        if applied is None:
+        if applied is not None:
+            if applied != config:
+                raise ValueError(
+                    f"{type(network).__name__} was already parallelized with {applied}; it cannot be "
+                    f"parallelized again with {config}."
+                )
+            continue
+        checkpoints = config.activation_checkpointing and trains
+        shards = config.fsdp and (trains or config.frozen == "shard")
+        if checkpoints or config.compile or shards:
             _blocks(network)  # every network's contract is checked before any is changed
-            pending.append((network, trains))
-        elif applied != config:
-            raise ValueError(
-                f"{type(network).__name__} was already parallelized with {applied}; it cannot be "
-                f"parallelized again with {config}."
-            )
-    for network, trains in pending:
-        if config.activation_checkpointing and trains:
+        plans.append((network, trains, checkpoints, shards))
+    for network, trains, checkpoints, shards in plans:
+        if not trains:
+            network.requires_grad_(False).eval()
+        if checkpoints:
             apply_activation_checkpointing(network)
         if config.compile:
             apply_compile(network)
-        if config.fsdp and (trains or config.frozen == "shard"):
+        if shards:
             apply_fsdp(
                 network,
                 mesh,

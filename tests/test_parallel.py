@@ -82,7 +82,10 @@ def test_parallelize_checks_networks_and_runs_once():
     with pytest.raises(ValueError, match="already parallelized"):
         parallelize([model], [], ParallelConfig())
     with pytest.raises(TypeError, match="Linear does not expose its repeated blocks as `blocks`"):
-        parallelize([], [nn.Linear(2, 2)], config)
+        parallelize([nn.Linear(2, 2)], [], config)
+    linear = nn.Linear(2, 2)
+    parallelize([], [linear], config)  # frozen networks are not checkpointed: no blocks needed
+    assert not linear.weight.requires_grad
     with pytest.raises(ValueError, match="needs a device mesh"):
         parallelize([DiT(DiTConfig.tiny())], [], ParallelConfig(fsdp=True))
     with pytest.raises(ValueError, match="needs fsdp: true"):
