@@ -101,8 +101,8 @@ def _blocks(network: nn.Module) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise TypeError(
             f"{type(network).__name__} does not expose its repeated blocks as `blocks` (a non-empty "
-            "nn.ModuleList called in turn by forward), which fsvideo.parallel checkpoints, compiles and shards "
-            "one by one; give the network such an attribute."
+            "nn.ModuleList called in turn by forward), which fsvideo.parallel checkpoints, compiles and "
+            "shards one by one; give the network such an attribute."
         )
     return blocks
 

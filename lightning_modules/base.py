@@ -133,7 +133,7 @@ class TrainingStage(L.LightningModule):
             update_ema(ema, network, self.ema_decay)
 
     def parallelize(self, trained: list[nn.Module], frozen: list[nn.Module], config: ParallelConfig) -> None:
-        """``fsvideo.parallel.parallelize`` over this run's data-parallel ranks; call from ``configure_model``."""
+        """``fsvideo.parallel.parallelize`` over this run's data-parallel ranks (from ``configure_model``)."""
         parallelize(trained, frozen, config, self._data_parallel_mesh() if config.fsdp else None)
 
     def _data_parallel_mesh(self) -> DeviceMesh:

@@ -199,9 +199,9 @@ class DiTModule(TrainingStage):
         self.val_router_heatmap: torch.Tensor | None = None
 
     def configure_model(self) -> None:
-        """Apply ``parallel`` to the DiT and its EMA twin; with ``fsdp``, then materialise and initialise their
-        shards. Lightning calls this on every rank (once the device mesh exists) at each trainer entry point; a
-        second call finds the work done."""
+        """Apply ``parallel`` to the DiT and its EMA twin; with ``fsdp``, then materialise and initialise
+        their shards. Lightning calls this on every rank (once the device mesh exists) at each trainer entry
+        point; a second call finds the work done."""
         networks = [self.dit] + ([self.dit_ema] if self.dit_ema is not None else [])
         self.parallelize(networks, [], self.parallel)
         if not any(p.is_meta for p in self.dit.parameters()):

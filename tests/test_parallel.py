@@ -1,6 +1,7 @@
-"""fsvideo.parallel: activation checkpointing from outside keeps outputs, gradients and parameter names (Layer
-Memory's history included); compiled blocks match eager ones on the CPU; FSDP2 over two gloo processes gives
-the unsharded outputs for a frozen network and the unsharded gradients for a trained, checkpointed one."""
+"""fsvideo.parallel: activation checkpointing from outside keeps outputs, gradients and parameter names
+(Layer Memory's history included); compiled blocks match eager ones on the CPU; FSDP2 over two gloo processes
+gives the unsharded outputs for a frozen network, the unsharded gradients for a trained, checkpointed one,
+and a bf16 copy's outputs under bf16 mixed precision."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def test_compiled_blocks_match_eager():
 
 def _sharded_matches_unsharded(mesh: DeviceMesh) -> None:
     """Both ranks build the same DiT and feed it the same batch, so FSDP's averaged gradients are the
-    single-process ones."""
+    single-process ones; with bf16 mixed precision, the outputs are those of a bf16 copy."""
     config = DiTConfig.tiny()
     reference = random_dit(config)
     inputs = dit_inputs(config)
@@ -142,6 +143,16 @@ def _sharded_matches_unsharded(mesh: DeviceMesh) -> None:
     torch.testing.assert_close(out_sharded, out_plain, rtol=1e-6, atol=1e-6)
     for name, grad in grads_plain.items():  # reduce-scatter averages two equal float32 gradients
         torch.testing.assert_close(grads_sharded[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    mixed = copy.deepcopy(reference)
+    parallelize([mixed], [], ParallelConfig(fsdp=True, mixed_precision="bf16"), mesh)
+    bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+    with torch.no_grad():
+        out_mixed = mixed(*inputs)
+        # the root casts float inputs to bf16, the blocks compute with gathered bf16 parameters: a bf16 copy
+        expected = bf16(*(x.to(torch.bfloat16) for x in inputs))
+    torch.testing.assert_close(out_mixed, expected, rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in mixed.parameters()), "the shards stay float32"
 
 
 @pytest.mark.slow
