@@ -7,9 +7,9 @@ reward model) — and ``parallelize`` transforms them in place, in this fixed or
 1. activation checkpointing, trained networks only: each block's activations are recomputed in the backward
    pass instead of kept. It goes first so that compile (2) sees the checkpointed block and FSDP (3) gathers
    a block's parameters again for its recomputation.
-2. ``torch.compile`` per block, every network: one compiled block serves all blocks of the same shape, so
-   compile time stays that of one block; the code between blocks (embeddings, Layer Memory history, head)
-   stays eager.
+2. ``torch.compile`` per block, every network: blocks of the same structure share one graph (Layer Memory's
+   blocks differ: block l routes over l sources, so each gets its own), and the code between blocks
+   (embeddings, Layer Memory history, head) stays eager, so no graph spans the whole network.
 3. FSDP2 over ``mesh``: ``fully_shard`` on each block, then on the root, which takes the remaining
    parameters (embeddings, head) as one more group. Blocks first, so each block is one all-gather that
    overlaps the previous block's compute. Frozen networks are sharded forward-only (resharded after each
@@ -32,7 +32,7 @@ load); that is how a 14B network is sharded without any process holding all of i
 Public API:
     ParallelConfig             what to apply (field docstrings)
     parallelize(trained, frozen, config, mesh=None)
-    apply_activation_checkpointing(network), apply_compile(network),
+    apply_activation_checkpointing(network), apply_compile(network, backend="inductor"),
     apply_fsdp(network, mesh, mixed_precision=None, reshard_after_forward=True)
 """
 
@@ -114,11 +114,16 @@ def apply_activation_checkpointing(network: nn.Module) -> None:
         checkpoint(block)
 
 
-def apply_compile(network: nn.Module) -> None:
+def apply_compile(network: nn.Module, backend: str = "inductor") -> None:
     """Compile each of ``network.blocks`` in place (``nn.Module.compile``: no wrapper module, names
-    unchanged)."""
-    for block in _blocks(network):
-        block.compile()
+    unchanged); ``backend`` "aot_eager" or "eager" helps to tell an inductor fault from a tracing one."""
+    blocks = _blocks(network)
+    # Every block runs the same ``forward`` code, whose graphs dynamo caps at ``recompile_limit`` (8). Blocks
+    # that differ (Layer Memory: block l routes over l sources) each need a graph, and one more once a new
+    # bucket makes shapes dynamic; without the room, the blocks past the cap would silently run eagerly.
+    torch._dynamo.config.recompile_limit += 2 * len(blocks)
+    for block in blocks:
+        block.compile(backend=backend)
 
 
 def apply_fsdp(

@@ -11,12 +11,13 @@ import shutil
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from two_process import spawn_two
 
 from fsvideo.dit import DiT, DiTConfig
-from fsvideo.parallel import ParallelConfig, parallelize
+from fsvideo.parallel import ParallelConfig, apply_compile, parallelize
 
 
 def random_dit(config: DiTConfig, seed: int = 0) -> DiT:
@@ -116,6 +117,21 @@ def test_compiled_blocks_match_eager():
     torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-5)
     for name, grad in grads_eager.items():
         torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # about 20 s of dynamo tracing on a 2-core CPU
+def test_every_block_is_compiled_past_dynamos_recompile_limit(monkeypatch):
+    """Nine Layer Memory blocks need nine graphs of the one block ``forward``, more than dynamo's default
+    cap of 8 per code object (the "eager" backend traces without generating code, so this stays quick)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # restored after the test
+    torch._dynamo.reset()
+    config = DiTConfig.tiny(num_layers=9)
+    model = random_dit(config)
+    apply_compile(model, backend="eager")
+    model(*dit_inputs(config))  # with grad: Layer Memory's autograd.Function traces whole (no graph break)
+    frames, graphs = counters["frames"]["ok"], counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert frames == graphs == 9
 
 
 def _sharded_matches_unsharded(mesh: DeviceMesh) -> None:
