@@ -1,6 +1,7 @@
-"""Paper-scale DiT training path on the CPU: `fsvideo fit` with two processes, FSDP2 (`model.init_args.parallel.fsdp`,
-ModelParallelStrategy over gloo) builds the DiT and its EMA twin on the meta device, materialises each rank's
-shards, loads `init_from` into them, trains, writes one full checkpoint file, and resumes from it."""
+"""Paper-scale DiT training path on the CPU: `fsvideo fit` with two processes, FSDP2
+(`model.init_args.parallel.fsdp` through `fsvideo.parallel`, ModelParallelStrategy over gloo) builds the DiT and
+its EMA twin on the meta device, materialises each rank's shards, loads `init_from` into them, trains, writes
+one full checkpoint file, and resumes from it."""
 
 from __future__ import annotations
 
