@@ -125,6 +125,7 @@ def test_every_block_is_compiled_past_dynamos_recompile_limit(monkeypatch):
     cap of 8 per code object (the "eager" backend traces without generating code, so this stays quick)."""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # restored after the test
     torch._dynamo.reset()
+    counters.clear()  # statistics of earlier compiles in this process
     config = DiTConfig.tiny(num_layers=9)
     model = random_dit(config)
     apply_compile(model, backend="eager")
