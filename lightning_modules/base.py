@@ -17,8 +17,10 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from fsvideo.parallel import ParallelConfig, parallelize
 from fsvideo.pretrained import MANIFEST_KEY, network_manifest_entry, save_snapshot, snapshot_of
 from lightning_modules.ema import update_ema
 from lightning_modules.frozen import FrozenNetworks
@@ -181,6 +183,27 @@ class TrainingStage(L.LightningModule):
     def update_ema(self, ema: nn.Module | None, network: nn.Module) -> None:
         if ema is not None:
             update_ema(ema, network, self.ema_decay)
+
+    def parallelize(self, trained: list[nn.Module], frozen: list[nn.Module], config: ParallelConfig) -> None:
+        """``fsvideo.parallel.parallelize`` over this run's data-parallel ranks (from ``configure_model``)."""
+        parallelize(trained, frozen, config, self._data_parallel_mesh() if config.fsdp else None)
+
+    def _data_parallel_mesh(self) -> DeviceMesh:
+        mesh = self.device_mesh
+        if mesh is None:
+            raise ValueError(
+                "model.init_args.parallel.fsdp: true needs trainer.strategy: "
+                "lightning.pytorch.strategies.ModelParallelStrategy (tensor_parallel_size: 1), or fsdp: false."
+            )
+        if mesh.ndim > 1:  # ModelParallelStrategy's (data_parallel, tensor_parallel) mesh
+            if mesh["tensor_parallel"].size() != 1:
+                raise ValueError(
+                    f"fsdp shards over data-parallel ranks only, but the mesh is {tuple(mesh.shape)} "
+                    f"{mesh.mesh_dim_names}; set trainer.strategy.init_args.tensor_parallel_size: 1 and "
+                    "data_parallel_size to the number of GPUs."
+                )
+            mesh = mesh["data_parallel"]
+        return mesh
 
 
 def capture_rng_states() -> dict[str, Any]:

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 
 from datamodules.latents import LatentData
 from fsvideo.dit import DiT, DiTConfig, FrameCondition, image_to_video, router_heatmap, text_to_image
@@ -49,6 +48,7 @@ from fsvideo.flow import (
     velocity_target,
 )
 from fsvideo.latent_space import LATENT_SPACE, LATENT_STATS, LatentSpace, LatentStats
+from fsvideo.parallel import ParallelConfig
 from fsvideo.pretrained import MANIFEST_KEY, NetworkSnapshot, load_weights, read_snapshot
 from lightning_modules.base import OptimizerConfig, SavedNetwork, TrainingStage
 from lightning_modules.ema import make_ema_twin
@@ -100,7 +100,7 @@ class DiTModule(TrainingStage):
     ``image_tokens``, ``is_image``).
 
     Args:
-        dit: network architecture (``latent_channels`` must equal the FSAE's; ``gradient_checkpointing`` here).
+        dit: network architecture (``latent_channels`` must equal the FSAE's).
         optimizer: AdamW settings (betas 0.9, 0.95 in the paper).
         flow: noise levels and loss.
         text_drop_prob: probability that a sample's prompt is replaced by the empty prompt (CFG).
@@ -114,11 +114,12 @@ class DiTModule(TrainingStage):
             preferred when kept). Its latent statistics and latent space come with it.
         val_sigmas: noise levels at which validation measures the loss.
         val_seed: seed of the validation noise (the generator of batch i is seeded with ``val_seed + i``).
-        fsdp: shard the DiT and its EMA twin with FSDP2 (``fully_shard`` per block, then the whole network)
-            over every rank; needs ``trainer.strategy: lightning.pytorch.strategies.ModelParallelStrategy``
-            (``tensor_parallel_size: 1``). Both networks are then built on the meta device and materialised
-            shard by shard in ``configure_model``, and ``init_from`` is read memory-mapped, each rank taking its
-            shard, so no process ever holds a whole copy of a 14B model.
+        parallel: activation checkpointing, compile and FSDP2 of the DiT and its EMA twin
+            (``fsvideo.parallel``). With ``fsdp`` (needs ``trainer.strategy:
+            lightning.pytorch.strategies.ModelParallelStrategy``, ``tensor_parallel_size: 1``) both networks
+            are built on the meta device and materialised shard by shard in ``configure_model``, and
+            ``init_from`` is read memory-mapped, each rank taking its shard, so no process ever holds a whole
+            copy of a 14B model.
         ema_decay: decay of the EMA weights used for validation and export; 0 disables EMA.
         max_nonfinite_in_row: stop after this many consecutive non-finite steps.
     """
@@ -134,7 +135,7 @@ class DiTModule(TrainingStage):
         init_from: str | None = None,
         val_sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
         val_seed: int = 0,
-        fsdp: bool = False,
+        parallel: ParallelConfig | None = None,
         ema_decay: float = 0.999,
         max_nonfinite_in_row: int = 20,
     ) -> None:
@@ -152,9 +153,9 @@ class DiTModule(TrainingStage):
         self.val_sigmas = tuple(val_sigmas)
         self.val_seed = val_seed
 
-        self.fsdp = fsdp
+        self.parallel = parallel or ParallelConfig()
         self.init_from = init_from
-        with torch.device("meta") if fsdp else nullcontext():
+        with torch.device("meta") if self.parallel.fsdp else nullcontext():
             self.dit = DiT(dit)
         channels = dit.latent_channels
         self.register_buffer("latent_mean", torch.full((channels,), math.nan))
@@ -166,7 +167,7 @@ class DiTModule(TrainingStage):
         self.init_latent_space: LatentSpace | None = None
         if init_from is not None:
             self.init_snapshot = read_snapshot(init_from, expected=DiT)
-            if not fsdp:
+            if not self.parallel.fsdp:
                 load_weights(self.dit, self.init_snapshot.weights, self.init_snapshot.source)
             records = self.init_snapshot.records
             if records.get(LATENT_STATS) is not None:
@@ -181,30 +182,15 @@ class DiTModule(TrainingStage):
         self.val_router_heatmap: torch.Tensor | None = None
 
     def configure_model(self) -> None:
-        """With ``fsdp``: shard, materialise and initialise the DiT and its EMA twin (Lightning calls this on
-        every rank once the device mesh exists; a second call finds them done)."""
-        if not self.fsdp or not any(p.is_meta for p in self.dit.parameters()):
-            return
-        mesh = self.device_mesh
-        if mesh is None:
-            raise ValueError(
-                "model.init_args.fsdp: true needs trainer.strategy: "
-                "lightning.pytorch.strategies.ModelParallelStrategy (tensor_parallel_size: 1), or fsdp: false."
-            )
-        if mesh.ndim > 1:  # ModelParallelStrategy's (data_parallel, tensor_parallel) mesh
-            if mesh["tensor_parallel"].size() != 1:
-                raise ValueError(
-                    f"fsdp shards over data-parallel ranks only, but the mesh is {tuple(mesh.shape)} "
-                    f"{mesh.mesh_dim_names}; set trainer.strategy.init_args.tensor_parallel_size: 1 and "
-                    "data_parallel_size to the number of GPUs."
-                )
-            mesh = mesh["data_parallel"]
-        device = self.trainer.strategy.root_device
+        """Apply ``parallel`` to the DiT and its EMA twin; with ``fsdp``, then materialise and initialise
+        their shards. Lightning calls this on every rank (once the device mesh exists) at each trainer entry
+        point; a second call finds the work done."""
         networks = [self.dit] + ([self.dit_ema] if self.dit_ema is not None else [])
+        self.parallelize(networks, [], self.parallel)
+        if not any(p.is_meta for p in self.dit.parameters()):
+            return
+        device = self.trainer.strategy.root_device
         for network in networks:
-            for block in network.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(network, mesh=mesh)
             network.to_empty(device=device)
         if self.init_snapshot is not None:  # each rank reads its own rows of every tensor
             load_weights(self.dit, self.init_snapshot.weights, self.init_snapshot.source)

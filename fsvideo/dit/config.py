@@ -51,8 +51,6 @@ class DiTConfig:
     """Initial router bias of the latest hidden state over the others. The remaining weight on older
     states is (l−1)·e^(−margin) / (1 + (l−1)·e^(−margin)) ≈ 4.5e-5·(l−1) for 10: small enough that the
     model starts as the plain DiT, large enough that the router still gets gradients."""
-    gradient_checkpointing: bool = False
-    """Recompute each block in the backward pass instead of keeping its activations."""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)

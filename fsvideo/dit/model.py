@@ -7,7 +7,7 @@ Public API:
                 (or ``(velocity, router_maxima)`` with ``return_router_weights=True``)
         init_weights()     (re-)initialise every parameter; call after ``to_empty`` on a meta-built model
         routers            the Layer Memory routers, blocks 2 … L (empty without Layer Memory)
-        gradient_checkpointing: bool attribute (from the config), may be switched at run time
+        blocks             the transformer blocks, which ``fsvideo.parallel`` checkpoints, compiles and shards
 
 Timestep convention: ``sigma`` is the flow-matching noise level in [0, 1] (σ = 1 is pure noise,
 ``fsvideo.flow``); the model embeds ``σ·config.timestep_scale`` (1000, Wan's timestep).
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fsvideo.dit.block import DiTBlock
 from fsvideo.dit.config import DiTConfig
@@ -66,7 +65,6 @@ class DiT(PretrainedNetwork, nn.Module):
         )
         self.blocks = nn.ModuleList(DiTBlock(config, index) for index in range(1, config.num_layers + 1))
         self.head = DiTHead(config.dim, config.out_channels * config.patch_volume, config.eps)
-        self.gradient_checkpointing = config.gradient_checkpointing
         self.init_weights()
 
     @torch.no_grad()
@@ -173,21 +171,12 @@ class DiT(PretrainedNetwork, nn.Module):
         history = [x] if cfg.layer_memory else None
         router_maxima = []
         for block in self.blocks:
-            # a snapshot of the list: checkpoint recomputation must see the same sources
-            args = (
-                x,
-                time_modulation,
-                text,
-                text_mask,
-                image,
-                rotations,
-                None if history is None else list(history),
-                return_router_weights,
+            # a snapshot of the list: activation checkpointing (fsvideo.parallel) recomputes a block with the
+            # arguments it was given, which must not see the states appended after it
+            snapshot = None if history is None else list(history)
+            x, router_max = block(
+                x, time_modulation, text, text_mask, image, rotations, snapshot, return_router_weights
             )
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, router_max = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x, router_max = block(*args)
             if history is not None:
                 history.append(x)
             if router_max is not None:

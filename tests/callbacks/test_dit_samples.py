@@ -5,10 +5,7 @@ module's modes and the global random states alone, and autocasts without touchin
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +17,7 @@ import torch
 import yaml
 from lightning.pytorch.trainer.states import TrainerFn
 from run_dirs import write_fsae_run
+from two_process import REPO, SHARDED_FIT_ARGS, run_cli
 
 from callbacks.dit_samples import DiTSamples, read_held_out_clips
 from callbacks.videos import save_videos
@@ -31,7 +29,6 @@ from datamodules.latents import LatentDataModule
 from fsvideo.dit import DiTConfig
 from lightning_modules.dit import DiTModule
 
-REPO = Path(__file__).resolve().parents[2]
 FRAMES, SIZE, STEPS = 5, 64, 2
 SAMPLE_ARGS = {
     "num_samples": 2,
@@ -222,9 +219,7 @@ def cli_fit(run_dir: Path, cache: LatentCache, init_from: Path, *extra: str) -> 
     with DiTSamples as its only callback; returns the step-2 samples folder."""
     callbacks = {"class_path": "callbacks.dit_samples.DiTSamples", "init_args": SAMPLE_ARGS}
     (run_dir.parent / "samples.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [callbacks]}}))
-    command = [
-        sys.executable,
-        str(REPO / "cli.py"),
+    args = [
         "fit",
         "--config",
         str(REPO / "configs/tiny/dit-pretrain-video.yaml"),
@@ -245,9 +240,7 @@ def cli_fit(run_dir: Path, cache: LatentCache, init_from: Path, *extra: str) -> 
         "--model.init_args.optimizer.warmup_steps=0",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_cli(args, cwd=run_dir.parent)
     return run_dir / "samples" / "step-0000002"
 
 
@@ -265,12 +258,7 @@ def test_sharded_dit_samples_on_every_rank_equal_unsharded(cache, tmp_path):
         tmp_path / "sharded",
         cache,
         init_from,
-        "--trainer.devices=2",
-        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
-        "--trainer.strategy.data_parallel_size=2",
-        "--trainer.strategy.tensor_parallel_size=1",
-        "--trainer.strategy.save_distributed_checkpoint=false",
-        "--model.init_args.fsdp=true",
+        *SHARDED_FIT_ARGS,
     )
     for name in ("00.mp4", "01.mp4"):
         assert np.array_equal(read_mp4(plain / name), read_mp4(sharded / name))

@@ -90,7 +90,7 @@ def test_fit_on_video_shards_encodes_on_the_fly(tiny_latents, sample_shards, tmp
     run_dir = tmp_path / "run"
     args = dit_fit_args(VIDEO, run_dir, tiny_latents, 2, FROM_SCRATCH, "--config", str(tmp_path / "raw.yaml"))
     args = [a for a in args if "_cache=" not in a and "val_batches" not in a]
-    extra = ["--trainer.precision=bf16-mixed", "--model.init_args.dit.gradient_checkpointing=true"]
+    extra = ["--trainer.precision=bf16-mixed", "--model.init_args.parallel.activation_checkpointing=true"]
     cli = FSVideoCLI(args=[*args, "--trainer.limit_val_batches=0", *extra])
     assert type(cli.datamodule).__name__ == "EncodingVideoDataModule"
     steps, losses = read_loss_history(run_dir)

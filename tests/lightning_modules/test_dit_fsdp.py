@@ -1,39 +1,31 @@
-"""Paper-scale DiT training path on the CPU: `fsvideo fit` with two processes, FSDP2 (`model.init_args.fsdp`,
-ModelParallelStrategy over gloo) builds the DiT and its EMA twin on the meta device, materialises each rank's
-shards, loads `init_from` into them, trains, writes one full checkpoint file, and resumes from it."""
+"""Paper-scale DiT training path on the CPU: `fsvideo fit` with two processes, FSDP2
+(`model.init_args.parallel.fsdp` through `fsvideo.parallel`, ModelParallelStrategy over gloo) builds the DiT and
+its EMA twin on the meta device, materialises each rank's shards, loads `init_from` into them, trains, writes
+one full checkpoint file, and resumes from it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from two_process import REPO, SHARDED_FIT_ARGS, run_cli
 
 from fsvideo.dit import DiTConfig
 from fsvideo.latent_space import LatentStats
 from lightning_modules.dit import DiTModule
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 def fit(run_dir: Path, cache: Path, init_from: Path, max_steps: int, *extra: str) -> None:
-    command = [
-        sys.executable,
-        str(REPO / "cli.py"),
+    args = [
         "fit",
         "--config",
         str(REPO / "configs/tiny/dit-pretrain-video.yaml"),
         f"--trainer.default_root_dir={run_dir}",
         f"--trainer.max_steps={max_steps}",
-        "--trainer.devices=2",
-        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
-        "--trainer.strategy.data_parallel_size=2",
-        "--trainer.strategy.tensor_parallel_size=1",
-        "--trainer.strategy.save_distributed_checkpoint=false",
+        *SHARDED_FIT_ARGS,
         "--trainer.precision=bf16-mixed",  # as the paper configs
         "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false",
@@ -45,16 +37,13 @@ def fit(run_dir: Path, cache: Path, init_from: Path, max_steps: int, *extra: str
         "--data.init_args.image_fraction=null",
         "--data.init_args.num_workers=0",
         "--data.init_args.batches_per_epoch=4",
-        "--model.init_args.fsdp=true",
         f"--model.init_args.init_from={init_from}",
         "--model.init_args.dit.latent_channels=8",
         "--model.init_args.ema_decay=1.0",
         "--model.init_args.optimizer.warmup_steps=0",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_cli(args, cwd=run_dir.parent)
 
 
 def test_sharded_dit_trains_saves_one_file_and_resumes(tiny_latents, tmp_path):

@@ -12,6 +12,7 @@ from torch import nn
 from fsvideo.dit import DiTConfig
 from fsvideo.flow import pseudo_huber_loss
 from fsvideo.latent_space import LatentStats
+from fsvideo.parallel import ParallelConfig
 from lightning_modules.dit import DiTModule, FlowMatchingConfig
 
 CHANNELS = 8
@@ -155,16 +156,23 @@ def test_bad_settings_are_refused():
         FlowMatchingConfig(sigma_std=0.0)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients():
+    """``parallel.activation_checkpointing`` reaches the DiT through ``configure_model`` without FSDP, and a
+    second ``configure_model`` (Lightning calls it at every trainer entry point) changes nothing."""
     batch = make_batch(frames=3)
-    grads = []
+    grads, block_calls = [], []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        module = make_module()
-        module.dit.gradient_checkpointing = checkpointing
+        module = make_module(parallel=ParallelConfig(activation_checkpointing=checkpointing))
+        module.configure_model()
+        module.configure_model()
+        calls = []
+        module.dit.blocks[0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         z0 = module.normalize(batch["latent"])
         g = torch.Generator().manual_seed(1)
         noise, sigma = torch.randn(z0.shape, generator=g), torch.tensor([0.2, 0.7])
         module.flow_loss(module.dit, z0, batch, sigma, noise, drop=False)[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in module.dit.parameters() if p.grad is not None]))
+        block_calls.append(len(calls))
+    assert block_calls == [1, 2], "with checkpointing the backward pass runs each block again"
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
