@@ -284,18 +284,22 @@ class DiTSamples(L.Callback):
         samples = []
         try:
             with preserved_modes(pl_module):
+                base_dit, base_mean, base_std, chain = pl_module.sampling_networks(
+                    self.settings.base_sampling()
+                )
                 pipeline = FSVideoPipeline(
                     networks.autoencoder,
-                    pl_module.inference_dit(),
+                    base_dit,
                     networks.text_encoder,
                     networks.image_encoder,
-                    pl_module.latent_mean,
-                    pl_module.latent_std,
+                    base_mean,
+                    base_std,
                     device=pl_module.device,
                     # autocast as training does; never "bf16", which would cast the module's own EMA weights
                     precision="bf16-mixed" if str(trainer.precision).startswith("bf16") else "fp32",
                     tiling=self.tiling,
                     defaults=self.settings,
+                    chain=chain,
                 )
                 for index, clip in enumerate(clips):
                     seed = self.settings.seed + index

@@ -48,12 +48,45 @@ def _parser() -> argparse.ArgumentParser:
     curves.add_argument("--out", type=Path, required=True, help="PNG to write")
     curves.add_argument("--labels", nargs="+", default=None, help="one label per run (default: folder names)")
     curves.add_argument("--smoothing", type=float, default=0.9, help="EMA smoothing of the plotted curves")
+    sheet = commands.add_parser(
+        "contact-sheet", help="one PNG of an image and videos, a row of evenly spaced frames each"
+    )
+    sheet.add_argument("--image", help="input image, shown as the first row")
+    sheet.add_argument(
+        "--video", action="append", required=True, metavar="LABEL=PATH", help="a labelled mp4; repeat per row"
+    )
+    sheet.add_argument("--frames", type=int, default=6, help="frames shown per video")
+    sheet.add_argument("--height", type=int, default=128, help="height of every frame in the sheet")
+    sheet.add_argument("--out", type=Path, required=True, help="PNG to write")
     return parser
+
+
+def _contact_sheet(args: argparse.Namespace) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    from fsvideo.video_io import contact_sheet, read_mp4
+
+    rows = []
+    if args.image is not None:
+        with Image.open(args.image) as image:
+            rows.append(("input image", np.asarray(image.convert("RGB"))[None]))
+    for item in args.video:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--video expects LABEL=PATH, got {item!r}")
+        rows.append((label, read_mp4(path)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(rows, args.frames, args.height).save(args.out)
+    return args.out
 
 
 def report_main(argv: list[str]) -> None:
     """Entry point of ``fsvideo report``; ``argv`` excludes ``report`` itself."""
     args = _parser().parse_args(argv)
+    if args.command == "contact-sheet":
+        print(f"wrote {_contact_sheet(args)}")
+        return
     if args.command == "loss-curves":
         from callbacks.loss_history import plot_loss_curves
 

@@ -122,11 +122,16 @@ class LatentEncoder(nn.Module):
         """
         if len(captions) != video.shape[0]:
             raise ValueError(f"{len(captions)} captions for a batch of {video.shape[0]} videos.")
-        out = {"latent": self.autoencoder.encode(video.float()).float()}
+        out = {"latent": self.encode_latent(video)}
         if self.text_encoder is not None:
             out["text_tokens"], out["text_mask"] = self.text_encoder(list(captions))
             out["image_tokens"] = self.image_encoder(video[:, :, 0])
         return out
+
+    @torch.no_grad()
+    def encode_latent(self, video: torch.Tensor) -> torch.Tensor:
+        """FSAE latent ``B×C×t×h×w`` float32 of ``B×3×T×H×W`` in [-1, 1]."""
+        return self.autoencoder.encode(video.float()).float()
 
     def empty_text(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``1×L×D`` and mask ``1×L`` of the empty prompt: what dropped text becomes (CFG)."""

@@ -32,6 +32,7 @@ from datamodules.latent_encoder import EncoderPaths, LatentEncoder
 from datamodules.streaming import BucketStream, StreamDataModule, TrackingLoader, WorkerStreamDataset
 from datamodules.video import VideoDataModule
 from fsvideo.latent_space import LatentSpace, LatentStats
+from fsvideo.video_io import downsample_video
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +217,17 @@ class EncodingVideoDataModule(VideoDataModule, LatentData):
         encoders: the FSAE run and the text / image encoder folders (both encoders required).
         latent_stats: ``stats.json`` (or a latent cache directory holding one) with the per-channel latent
             mean / std the DiT normalises with; a cache of the same FSAE gives them.
+        low_resolution_latents: also encode each clip downsampled ×2 (bicubic, ``fsvideo.video_io.
+            downsample_video``) as ``latent_low`` ``B×C×t×(h/2)×(w/2)``: the paired latents the refiner
+            (§2.4.2) trains on. Bucket sides must then be multiples of 128.
         **kwargs: the ``VideoDataModule`` arguments (shards, buckets, frames, fps, batch sizes, …).
     """
 
-    def __init__(self, encoders: EncoderPaths, latent_stats: str, **kwargs: Any) -> None:
+    def __init__(
+        self, encoders: EncoderPaths, latent_stats: str, low_resolution_latents: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        self.low_resolution_latents = low_resolution_latents
         if not encoders.has_conditions:
             raise ValueError(
                 "EncodingVideoDataModule needs encoders.text_encoder and encoders.image_encoder: the DiT is "
@@ -257,4 +264,6 @@ class EncodingVideoDataModule(VideoDataModule, LatentData):
         if self.encoder.device != video.device:
             self.encoder.to(video.device)
         encoded = self.encoder(video, batch["caption"])
+        if self.low_resolution_latents:
+            encoded["latent_low"] = self.encoder.encode_latent(downsample_video(video))
         return {**{k: v for k, v in batch.items() if k != "video"}, **encoded}

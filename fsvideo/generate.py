@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resize-mode", choices=RESIZE_MODES, help=f"how the image is fitted to height×width ({unset})"
     )
+    refine = "default: the config's refine section"
+    parser.add_argument("--refine-steps", type=int, help=f"refiner sampler steps, two-stage chain ({refine})")
+    parser.add_argument("--refine-guidance-scale", type=float, help=f"refiner guidance scale ({refine})")
+    parser.add_argument("--refine-shift", type=float, help=f"refiner timestep shift ({refine})")
+    parser.add_argument("--refine-sampler", choices=SAMPLERS, help=f"refiner flow ODE solver ({refine})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, auto (default: the config's)")
     parser.add_argument(
         "--offload",
@@ -97,6 +102,10 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
     config = PipelineConfig.from_yaml(args.config)
     runtime = {name: getattr(args, name) for name in ("device", "offload", "precision")}
     config = dataclasses.replace(config, **{k: v for k, v in runtime.items() if v is not None})
+    refine = {
+        name: getattr(args, f"refine_{name}") for name in ("steps", "guidance_scale", "shift", "sampler")
+    }
+    config.refine = dataclasses.replace(config.refine, **{k: v for k, v in refine.items() if v is not None})
     overrides = {field: getattr(args, flag) for flag, field in _SETTING_FLAGS.items()}
     settings = dataclasses.replace(config.generation, **{k: v for k, v in overrides.items() if v is not None})
     image = load_image(args.image)  # before loading the networks: a bad image fails in a second, not minutes
@@ -109,12 +118,17 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
         f"loaded the networks in {load_time:.2f} s (device {pipe.device}, {pipe.precision}, offload {pipe.offload})"
     )
 
-    with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
+    total = settings.steps + (config.refine.steps if pipe.chain is not None else 0)
+    with tqdm(total=total, desc="denoising", unit="step") as bar:
         result = pipe.generate(image, args.prompt, settings, callback=lambda *_: bar.update(1))
     frames = result.frames_uint8()
     write_mp4(out, frames, fps=args.fps)
 
-    descriptions = {"encode": "FSAE encoder, text and image encoders", "decode": "FSAE decoder"}
+    descriptions = {
+        "encode": "FSAE encoder, text and image encoders",
+        "upsample": "latent upsampler ×2",
+        "decode": "FSAE decoder",
+    }
     for stage in result.stages:
         if "nfe" in stage:
             used = stage["settings"]
@@ -133,12 +147,16 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
             "text_encoder": config.text_encoder,
             "image_encoder": config.image_encoder,
             "text_len": config.text_len,
+            "upsampler": config.upsampler,
+            "refiner": config.refiner,
         },
         "device": str(pipe.device),
         "precision": pipe.precision,
         "offload": pipe.offload,
         "tiling": dataclasses.asdict(config.tiling) if config.tiling is not None else None,
         "settings": dataclasses.asdict(result.settings),
+        "refine": dataclasses.asdict(config.refine) if pipe.chain is not None else None,
+        "generated_size": result.generated_size,
         "shift_used": result.shift,
         "fps": args.fps,
         "frames": int(frames.shape[0]),
@@ -149,4 +167,6 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(record, indent=1) + "\n")
     height, width = frames.shape[1:3]
+    if result.generated_size is not None:
+        print(f"generated at {result.generated_size[0]}×{result.generated_size[1]} and centre-cropped")
     print(f"wrote {out} ({frames.shape[0]} frames, {height}×{width}, {args.fps:g} fps) and {json_path}")

@@ -23,9 +23,13 @@ What ``generate`` does:
    negative prompt and keeps the whole image condition (first-frame latent, mask and image tokens), as
    Wan2.1 I2V does. Guidance thus pushes along the text only; the first frame is fixed by the condition in
    both branches anyway.
-4. The latent is de-normalised and FSAE-decoded (optionally temporally split / tiled, ``TilingConfig``).
-   The latent upsampler and refiner (§2.4) come later: ``PipelineConfig.upsampler`` / ``.refiner`` must
-   stay unset until they exist.
+4. With the two-stage chain (``PipelineConfig.upsampler`` and ``.refiner``): steps 1–3 run at half the
+   requested size, the latent upsampler doubles the latent (the draft), and the refiner samples the final
+   latent conditioned on the draft, the image encoded at the final size and the dynamic mask
+   (``fsvideo.refiner``), with its own steps, guidance, shift and sampler (``PipelineConfig.refine``). A side
+   that is not a multiple of 128 is generated at the next one (the image's borders replicated outwards) and
+   the video's centre is cropped back (``GenerationResult.generated_size`` says so).
+5. The latent is de-normalised and FSAE-decoded (optionally temporally split / tiled, ``TilingConfig``).
 
 Each step is a stage (``encode``, ``dit``, ``decode``); ``GenerationResult.timings`` has each one's seconds and
 ``GenerationResult.stages`` what each did (a sampling stage's steps, guidance, shift, sampler and its network
@@ -70,6 +74,7 @@ from fsvideo.encoders import ImageEncoder, TextEncoder
 from fsvideo.flow import StepCallback, resolution_shift
 from fsvideo.latent_space import LATENT_STATS, check_fsae_for_dit
 from fsvideo.pretrained import build_network, load_network, read_records, read_snapshot
+from fsvideo.refiner import DYNAMIC_MASK, DynamicMaskConfig
 from fsvideo.stages import (
     BaseSamplingStage,
     DecodeStage,
@@ -77,10 +82,13 @@ from fsvideo.stages import (
     GenerationState,
     LatentNormalization,
     PipelineStage,
+    RefineStage,
     SamplingSettings,
     StageRuntime,
+    UpsampleStage,
 )
-from fsvideo.video_io import to_uint8_frames
+from fsvideo.upsampler import LatentUpsampler
+from fsvideo.video_io import downsample_video, to_uint8_frames
 
 RESIZE_MODES = ("error", "resize", "crop")
 PRECISIONS = ("auto", "bf16", "bf16-mixed", "fp32")
@@ -149,9 +157,15 @@ class PipelineConfig:
     text_len: int = 512
     """Text tokens per prompt: the ``--text-len`` the DiT's latent cache was encoded with (Wan: 512)."""
     upsampler: str | None = None
-    """Latent upsampler run (§2.4.1). Not available yet: must stay null."""
+    """Latent upsampler (§2.4.1): saved-model folder, run or checkpoint; set together with ``refiner`` for the
+    two-stage chain (base at half the size → upsample ×2 → refine), or null to generate at the base size."""
     refiner: str | None = None
-    """Refiner DiT run (§2.4.2). Not available yet: must stay null."""
+    """Refiner DiT (§2.4.2): saved-model folder, run or checkpoint (it records its latent statistics and
+    dynamic-mask rule); null without the two-stage chain."""
+    refine: SamplingSettings = field(
+        default_factory=lambda: SamplingSettings(steps=16, guidance_scale=5.0, shift=None)
+    )
+    """The refiner stage's sampler settings (steps, guidance, shift — None: the base stage's —, sampler)."""
     device: str = "auto"
     """Where the networks run: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", …"""
     offload: bool = False
@@ -166,12 +180,13 @@ class PipelineConfig:
     """Default settings of ``generate`` (each can be overridden per call)."""
 
     def __post_init__(self) -> None:
-        for name in ("upsampler", "refiner"):
-            if getattr(self, name) is not None:
-                raise ValueError(
-                    f"{name}: the latent upsampler (§2.4.1) and the refiner DiT (§2.4.2) are not available "
-                    f"yet; set {name} to null. The pipeline generates at the base DiT's resolution."
-                )
+        if (self.upsampler is None) != (self.refiner is None):
+            raise ValueError(
+                "set both upsampler and refiner (the two-stage chain of Figure 2) or neither; got "
+                f"upsampler={self.upsampler!r}, refiner={self.refiner!r}"
+            )
+        if isinstance(self.refine, dict):
+            self.refine = _from_fields(SamplingSettings, self.refine, "refine")
         if self.text_len < 1:
             raise ValueError(f"text_len must be positive, got {self.text_len}")
         if self.precision not in PRECISIONS:
@@ -328,6 +343,21 @@ def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
+class RefinerChain:
+    """The second half of Figure 2: latent upsampler ×2, then the refiner at twice the base size."""
+
+    upsampler: LatentUpsampler
+    refiner: DiT
+    latent_mean: torch.Tensor
+    """``C`` statistics the refiner's latents are normalised with (its records)."""
+    latent_std: torch.Tensor
+    mask: DynamicMaskConfig
+    """The dynamic-mask rule the refiner trained with (its records)."""
+    settings: SamplingSettings
+    """The refine stage's sampler settings."""
+
+
+@dataclass
 class GenerationResult:
     """What ``FSVideoPipeline.generate`` returns."""
 
@@ -348,6 +378,9 @@ class GenerationResult:
     stages: list[dict[str, Any]] = field(default_factory=list)
     """Per stage in order: ``name``, ``seconds``, and for a sampling stage its settings, shift and network
     evaluations (``nfe``)."""
+    generated_size: tuple[int, int] | None = None
+    """``(H, W)`` the video was generated at when that differs from the settings' size: the two-stage chain
+    needs sides that are multiples of 128 and crops the centre of a larger video."""
 
     def frames_uint8(self) -> np.ndarray:
         """``T×H×W×3`` uint8, ready for ``fsvideo.video_io.write_mp4``."""
@@ -366,6 +399,7 @@ class FSVideoPipeline:
         latent_mean, latent_std: ``C`` per-channel statistics the DiT's latents were normalised with.
         device: "auto", "cpu", "cuda", …; offload, precision, tiling: as in ``PipelineConfig``.
         defaults: the settings ``generate`` starts from.
+        chain: the latent upsampler and refiner; with it the base DiT samples at half the requested size.
     """
 
     def __init__(
@@ -381,6 +415,7 @@ class FSVideoPipeline:
         precision: str = "auto",
         tiling: TilingConfig | None = None,
         defaults: GenerationSettings | None = None,
+        chain: RefinerChain | None = None,
     ) -> None:
         ae_config, dit_config = autoencoder.config, dit.config
         channels = ae_config.latent_channels
@@ -434,6 +469,7 @@ class FSVideoPipeline:
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
         self.latent_mean, self.latent_std = latent_mean.float(), latent_std.float()
+        self.chain = chain
         self.stages: list[PipelineStage] = [
             EncodeStage(self.autoencoder, text_encoder, image_encoder),
             BaseSamplingStage(
@@ -441,8 +477,20 @@ class FSVideoPipeline:
                 LatentNormalization(self.latent_mean, self.latent_std),
                 ae_config.temporal_compression,
             ),
-            DecodeStage(self.autoencoder, tiling),
         ]
+        if chain is not None:
+            if chain.refiner.config.in_channels != dit_config.in_channels:
+                raise ValueError(
+                    "the refiner must work on the base DiT's latents (same latent and mask channels)"
+                )
+            chain.upsampler.eval().requires_grad_(False)
+            chain.refiner.eval().requires_grad_(False)
+            normalization = LatentNormalization(chain.latent_mean.float(), chain.latent_std.float())
+            self.stages += [
+                UpsampleStage(chain.upsampler),
+                RefineStage(chain.refiner, self.autoencoder, normalization, chain.mask, chain.settings),
+            ]
+        self.stages.append(DecodeStage(self.autoencoder, tiling))
         if precision == "bf16":
             for network in self._networks()[1:]:
                 network.to(torch.bfloat16)
@@ -464,7 +512,8 @@ class FSVideoPipeline:
     def _networks(self) -> list[nn.Module]:
         """Every network, the FSAE first."""
         networks = [self.autoencoder, self.dit, self.text_encoder]
-        return networks + ([self.image_encoder] if self.image_encoder is not None else [])
+        networks += [self.image_encoder] if self.image_encoder is not None else []
+        return networks + ([self.chain.upsampler, self.chain.refiner] if self.chain is not None else [])
 
     @classmethod
     def from_config(cls, config: PipelineConfig | str | Path) -> FSVideoPipeline:
@@ -478,6 +527,19 @@ class FSVideoPipeline:
         )  # before slow loads
         latent_mean, latent_std = latent_stats_of(dit_snapshot.records, config.dit)
         dit = build_network(dit_snapshot, DiT)
+        chain = None
+        if config.refiner is not None:
+            refiner_snapshot = read_snapshot(config.refiner, expected=DiT)
+            check_fsae_for_dit(refiner_snapshot.records, autoencoder, config.text_len, config.refiner)
+            refiner_mean, refiner_std = latent_stats_of(refiner_snapshot.records, config.refiner)
+            chain = RefinerChain(
+                load_network(config.upsampler, LatentUpsampler),
+                build_network(refiner_snapshot, DiT),
+                refiner_mean,
+                refiner_std,
+                DynamicMaskConfig(**refiner_snapshot.records.get(DYNAMIC_MASK, {})),
+                config.refine,
+            )
         text_encoder = TextEncoder.from_pretrained(config.text_encoder, text_len=config.text_len)
         image_encoder = ImageEncoder.from_pretrained(config.image_encoder) if config.image_encoder else None
         return cls(
@@ -492,7 +554,21 @@ class FSVideoPipeline:
             precision=config.precision,
             tiling=config.tiling,
             defaults=config.generation,
+            chain=chain,
         )
+
+    def generated_size(self, settings: GenerationSettings) -> tuple[int, int]:
+        """``(H, W)`` the video is generated at: the settings' size, or with the two-stage chain each side rounded
+        up to a multiple of twice the base DiT's (128 for the FSAE), the base stage running at half of it."""
+        if self.chain is None:
+            return settings.height, settings.width
+        multiple = 2 * self.autoencoder.config.spatial_compression * self.dit.config.patch_size[1]
+        return tuple(-(-side // multiple) * multiple for side in (settings.height, settings.width))
+
+    def base_size(self, settings: GenerationSettings) -> tuple[int, int]:
+        """``(H, W)`` of the base stage."""
+        height, width = self.generated_size(settings)
+        return (height, width) if self.chain is None else (height // 2, width // 2)
 
     def check_settings(self, settings: GenerationSettings) -> None:
         """Raise a ValueError naming the problem if these networks cannot generate ``settings``' video."""
@@ -506,9 +582,10 @@ class FSVideoPipeline:
                 f"use {1 + f_t * k}"
             )
         _, ph, pw = self.dit.config.patch_size
+        base_height, base_width = self.base_size(settings)
         for name, size, multiple in (
-            ("height", settings.height, f_s * ph),
-            ("width", settings.width, f_s * pw),
+            ("height", base_height, f_s * ph),
+            ("width", base_width, f_s * pw),
         ):
             if size % multiple:
                 lower = max(multiple, size // multiple * multiple)
@@ -522,9 +599,7 @@ class FSVideoPipeline:
         """``settings.shift``, or the resolution rule for this video's DiT token count when it is None."""
         if settings.shift is not None:
             return settings.shift
-        _, t, h, w = self.autoencoder.config.latent_shape(
-            settings.num_frames, settings.height, settings.width
-        )
+        _, t, h, w = self.autoencoder.config.latent_shape(settings.num_frames, *self.base_size(settings))
         return resolution_shift(t * h * w // self.dit.config.patch_volume)
 
     @torch.no_grad()
@@ -553,10 +628,21 @@ class FSVideoPipeline:
             raise ValueError(f"unknown generation setting(s) {unknown}; see GenerationSettings")
         settings = dataclasses.replace(settings or self.defaults, **overrides)
         self.check_settings(settings)
+        requested = (settings.height, settings.width)
+        size = self.generated_size(settings)
+        pixels = fit_image(load_image(image), *requested, settings.resize_mode)
+        if (
+            size != requested
+        ):  # replicate the borders out to the generated size; the video's centre is the image
+            top, left = (size[0] - requested[0]) // 2, (size[1] - requested[1]) // 2
+            pad = (left, size[1] - requested[1] - left, top, size[0] - requested[0] - top)
+            pixels = F.pad(pixels[None], pad, mode="replicate")[0]
+        base_pixels = pixels if self.chain is None else downsample_video(pixels[None, :, None])[0, :, 0]
         state = GenerationState(
             settings=settings,
             prompt=prompt,
-            pixels=fit_image(load_image(image), settings.height, settings.width, settings.resize_mode),
+            pixels=pixels,
+            base_pixels=base_pixels,
             base_shift=self.resolve_shift(settings),
         )
         records = []
@@ -566,12 +652,17 @@ class FSVideoPipeline:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             records.append({"name": stage.name, "seconds": time.perf_counter() - start, **record})
+        video = state.video[0]
+        if size != requested:
+            top, left = (size[0] - requested[0]) // 2, (size[1] - requested[1]) // 2
+            video = video[:, :, top : top + requested[0], left : left + requested[1]]
         return GenerationResult(
-            video=state.video[0].float().cpu(),
+            video=video.float().cpu(),
             latent=state.latent[0].float().cpu(),
             first_frame_features=[f.float().cpu() for f in state.first_frame_features],
             settings=settings,
             shift=state.base_shift,
             timings={r["name"]: r["seconds"] for r in records},
             stages=records,
+            generated_size=None if size == requested else size,
         )

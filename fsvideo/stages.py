@@ -5,9 +5,9 @@ them in order, timing each:
     EncodeStage          image → first-frame latent and encoder features; prompt, negative prompt and image →
                          condition tokens
     BaseSamplingStage    base DiT: noise → latent video at the base size (flow ODE, classifier-free guidance)
+    UpsampleStage        latent upsampler (§2.4.1): base latent ×2 → the draft           (two-stage chain only)
+    RefineStage          refiner DiT (§2.4.2): masked video-to-video from the draft      (two-stage chain only)
     DecodeStage          FSAE decoder: latent → frames
-
-The latent upsampler and the refiner (§2.4) slot in between base sampling and decoding as stages of their own.
 
 Placement: a stage puts each network on the device only while it uses it when the runtime offloads
 (``StageRuntime.place``), so peak device memory is that of the largest network, not of all of them.
@@ -22,7 +22,8 @@ Public API:
     PipelineStage                                    protocol: ``name``, ``run(state, runtime, callback) -> dict``
     SamplingSettings                                 steps, guidance, shift, sampler of one sampling stage
     sample_i2v_latent(dit, first_frame_latent, …)    the base stage's sampling alone (benchmarks use it)
-    EncodeStage, BaseSamplingStage, DecodeStage
+    sample_conditioned(dit, condition, …)          the flow sampler of every sampling stage
+    EncodeStage, BaseSamplingStage, UpsampleStage, RefineStage, DecodeStage
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from torch import nn
 
 from fsvideo.ae import FSAE, TilingConfig
 from fsvideo.dit import DiT
-from fsvideo.dit.condition import image_to_video
+from fsvideo.dit.condition import FrameCondition, image_to_video
 from fsvideo.encoders import ImageEncoder, TextEncoder
 from fsvideo.flow import SAMPLERS, StepCallback, classifier_free_guidance, sample
+from fsvideo.refiner import DynamicMaskConfig, dynamic_confidence, masked_video_to_video
+from fsvideo.upsampler import LatentUpsampler
 
 if TYPE_CHECKING:
     from fsvideo.pipeline import GenerationSettings
@@ -130,13 +133,16 @@ class GenerationState:
     settings: GenerationSettings
     prompt: str
     pixels: torch.Tensor
-    """``3×H×W`` input image in [-1, 1], fitted to the video size, on the CPU."""
+    """``3×H×W`` input image in [-1, 1], fitted to the size the video is generated at, on the CPU."""
+    base_pixels: torch.Tensor
+    """The image at the base stage's size: ``pixels``, or ``pixels`` downsampled ×2 before a refiner."""
     base_shift: float
     """The base stage's timestep shift (the resolution rule already applied)."""
     first_latent: torch.Tensor | None = None
-    """``1×C×1×h×w`` raw FSAE latent of the image."""
+    """``1×C×1×h×w`` raw FSAE latent of the image at the base size."""
     first_frame_features: list[torch.Tensor] = field(default_factory=list)
-    """First-frame encoder features for the decoder's cross-attention (§2.2.3)."""
+    """First-frame encoder features for the decoder's cross-attention (§2.2.3), of the image at the size that is
+    decoded."""
     text: tuple[torch.Tensor, torch.Tensor] | None = None
     """``(tokens 1×L×D, mask 1×L)`` of the prompt."""
     negative_text: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -162,10 +168,9 @@ class PipelineStage(Protocol):
 # ---- sampling ---------------------------------------------------------------------------------------------
 
 
-def sample_i2v_latent(
+def sample_conditioned(
     dit: DiT,
-    first_frame_latent: torch.Tensor,
-    num_latent_frames: int,
+    condition: FrameCondition,
     text: tuple[torch.Tensor, torch.Tensor],
     negative_text: tuple[torch.Tensor, torch.Tensor],
     image_tokens: torch.Tensor | None,
@@ -177,12 +182,13 @@ def sample_i2v_latent(
     autocast_dtype: torch.dtype | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Sample a normalised latent video whose frame 0 is ``first_frame_latent``: the flow ODE from seeded noise,
-    classifier-free guidance ``v_u + s·(v_c − v_u)`` whose unconditional branch swaps the prompt for the negative
-    prompt and keeps the image condition, and frame 0 given (``fsvideo.dit.condition.image_to_video``).
+    """Sample a normalised latent video under ``condition``: the flow ODE from seeded noise, classifier-free
+    guidance ``v_u + s·(v_c − v_u)`` whose unconditional branch swaps the prompt for the negative prompt and keeps
+    the whole visual condition (mask, condition latent, image tokens), and the given frames fixed.
 
     Args:
-        first_frame_latent: ``B×C×1×h×w`` normalised latent of the input image, on the DiT's device.
+        condition: the conditioning task (``image_to_video`` for the base DiT, ``masked_video_to_video`` for
+            the refiner); its latent ``B×C×t×h×w`` sets the shape, on the DiT's device.
         text, negative_text: ``(tokens B×L×D, mask B×L)`` of the prompt and of the negative prompt.
         image_tokens: ``B×M×D'`` (kept in both guidance branches), None for a DiT without image branch.
         generator: CPU generator of the initial noise.
@@ -190,12 +196,10 @@ def sample_i2v_latent(
         callback: ``callback(step, steps, sigma, z)`` after every sampler step.
 
     Returns:
-        ``B×C×t×h×w`` float32, ``t = num_latent_frames``.
+        ``B×C×t×h×w`` float32.
     """
-    batch, channels, _, height, width = first_frame_latent.shape
-    device = first_frame_latent.device
-    noise = torch.randn((batch, channels, num_latent_frames, height, width), generator=generator).to(device)
-    condition = image_to_video(first_frame_latent, num_latent_frames, dit.config.mask_channels)
+    device = condition.latent.device
+    noise = torch.randn(condition.latent.shape, generator=generator).to(device)
 
     def branch(tokens: torch.Tensor, mask: torch.Tensor):
         def velocity(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -213,6 +217,40 @@ def sample_i2v_latent(
     return condition.fix_sample(z0.float())
 
 
+def sample_i2v_latent(
+    dit: DiT,
+    first_frame_latent: torch.Tensor,
+    num_latent_frames: int,
+    text: tuple[torch.Tensor, torch.Tensor],
+    negative_text: tuple[torch.Tensor, torch.Tensor],
+    image_tokens: torch.Tensor | None,
+    steps: int,
+    guidance_scale: float,
+    shift: float,
+    sampler: str,
+    generator: torch.Generator,
+    autocast_dtype: torch.dtype | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """``sample_conditioned`` with the base DiT's image-to-video condition: ``num_latent_frames`` frames whose
+    frame 0 is ``first_frame_latent`` ``B×C×1×h×w`` (normalised, on the DiT's device)."""
+    condition = image_to_video(first_frame_latent, num_latent_frames, dit.config.mask_channels)
+    return sample_conditioned(
+        dit,
+        condition,
+        text,
+        negative_text,
+        image_tokens,
+        steps,
+        guidance_scale,
+        shift,
+        sampler,
+        generator,
+        autocast_dtype,
+        callback,
+    )
+
+
 class EncodeStage:
     """Image → first-frame latent and features (FSAE encoder, float32); prompts and image → tokens."""
 
@@ -228,7 +266,7 @@ class EncodeStage:
     def run(
         self, state: GenerationState, runtime: StageRuntime, callback: StepCallback | None
     ) -> dict[str, Any]:
-        pixels = state.pixels.to(runtime.device)[None]  # (1, 3, H, W)
+        pixels = state.base_pixels.to(runtime.device)[None]  # (1, 3, H, W)
         with runtime.place(self.autoencoder.encoder):
             state.first_latent, state.first_frame_features = self.autoencoder.encode(
                 pixels[:, :, None], return_first_frame_features=True
@@ -276,6 +314,81 @@ class BaseSamplingStage:
             )
             state.latent = self.normalization.denormalize(z0)
         return {"settings": asdict(settings), "shift": state.base_shift, "nfe": settings.network_evaluations}
+
+
+class UpsampleStage:
+    """The latent upsampler (§2.4.1): the base latent video ×2 in space, on raw FSAE latents — the draft."""
+
+    name = "upsample"
+
+    def __init__(self, upsampler: LatentUpsampler) -> None:
+        self.upsampler = upsampler
+
+    def run(
+        self, state: GenerationState, runtime: StageRuntime, callback: StepCallback | None
+    ) -> dict[str, Any]:
+        with runtime.place(self.upsampler):
+            state.latent = self.upsampler(state.latent.float())
+        return {"latent_shape": list(state.latent.shape[1:])}
+
+
+class RefineStage:
+    """The refiner (§2.4.2): masked video-to-video sampling at the final size. Frame 0 is the image encoded at
+    that size (its features then feed the decoder), the draft's frames carry the dynamic-mask confidence of the
+    first frame's upsampling error, and the refiner samples with its own ``SamplingSettings``."""
+
+    name = "refine"
+
+    def __init__(
+        self,
+        refiner: DiT,
+        autoencoder: FSAE,
+        normalization: LatentNormalization,
+        mask: DynamicMaskConfig,
+        settings: SamplingSettings,
+    ) -> None:
+        self.refiner = refiner
+        self.autoencoder = autoencoder
+        self.normalization = normalization
+        self.mask = mask
+        self.settings = settings
+
+    def run(
+        self, state: GenerationState, runtime: StageRuntime, callback: StepCallback | None
+    ) -> dict[str, Any]:
+        pixels = state.pixels.to(runtime.device)[None, :, None]  # (1, 3, 1, H, W)
+        with runtime.place(self.autoencoder.encoder):
+            first_latent, state.first_frame_features = self.autoencoder.encode(
+                pixels, return_first_frame_features=True
+            )
+        first = self.normalization.normalize(first_latent)
+        draft = self.normalization.normalize(state.latent)
+        confidence = dynamic_confidence(first, draft[:, :, :1], self.mask)
+        condition = masked_video_to_video(first, draft, confidence, self.refiner.config.mask_channels)
+        settings = self.settings
+        shift = settings.shift if settings.shift is not None else state.base_shift
+        with runtime.place(self.refiner):
+            z0 = sample_conditioned(
+                self.refiner,
+                condition,
+                state.text,
+                state.negative_text,
+                state.image_tokens,
+                settings.steps,
+                settings.guidance_scale,
+                shift,
+                settings.sampler,
+                torch.Generator().manual_seed(state.settings.seed),
+                runtime.autocast_dtype,
+                callback,
+            )
+        state.latent = self.normalization.denormalize(z0)
+        return {
+            "settings": asdict(settings),
+            "shift": shift,
+            "nfe": settings.network_evaluations,
+            "mask_confidence": float(confidence[0]),
+        }
 
 
 class DecodeStage:

@@ -1,4 +1,5 @@
-"""Reading and writing video files with PyAV, and converting between uint8 frames and model tensors."""
+"""Reading and writing video files with PyAV, converting between uint8 frames and model tensors, resampling
+clips, and contact sheets (a picture of several videos side by side)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -50,3 +53,58 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 24, crf: int = 
 def side_by_side(*videos: torch.Tensor) -> torch.Tensor:
     """Concatenate ``3×T×H×W`` videos of equal shape along the width."""
     return torch.cat(videos, dim=-1)
+
+
+def downsample_video(video: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """``B×3×T×H×W`` in [-1, 1] → ``B×3×T×(H/factor)×(W/factor)``, bicubic with antialiasing per frame: the
+    low-resolution twin of a clip that the latent upsampler (§2.4.1) and the refiner (§2.4.2) train on."""
+    b, c, t, h, w = video.shape
+    if h % factor or w % factor:
+        raise ValueError(
+            f"a {h}×{w} clip cannot be downsampled by {factor}: both sides must be multiples of it"
+        )
+    frames = video.transpose(1, 2).reshape(b * t, c, h, w).float()
+    low = F.interpolate(
+        frames, size=(h // factor, w // factor), mode="bicubic", align_corners=False, antialias=True
+    )
+    return low.reshape(b, t, c, h // factor, w // factor).transpose(1, 2).clamp(-1, 1)
+
+
+def read_mp4(path: str | Path) -> np.ndarray:
+    """Every frame of a video file, ``T×H×W×3`` uint8."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such video file")
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def contact_sheet(
+    rows: list[tuple[str, np.ndarray]], frames_per_row: int = 6, height: int = 128
+) -> Image.Image:
+    """One picture of several videos (or images): a row per ``(label, T×H×W×3 uint8)``, each showing
+    ``frames_per_row`` evenly spaced frames scaled to ``height`` pixels, the label above them."""
+    label_height, gap = 16, 4
+    tiles = []
+    for label, frames in rows:
+        picks = np.linspace(0, len(frames) - 1, min(frames_per_row, len(frames))).round().astype(int)
+        scaled = [
+            Image.fromarray(frames[i]).resize(
+                (max(1, round(frames[i].shape[1] * height / frames[i].shape[0])), height),
+                Image.Resampling.LANCZOS,
+            )
+            for i in picks
+        ]
+        tiles.append((label, scaled))
+    width = max(sum(t.width for t in row) + gap * (len(row) - 1) for _, row in tiles)
+    sheet = Image.new("RGB", (width, len(tiles) * (label_height + height + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = 0
+    for label, row in tiles:
+        draw.text((2, y + 2), label, fill="black")
+        x = 0
+        for tile in row:
+            sheet.paste(tile, (x, y + label_height))
+            x += tile.width + gap
+        y += label_height + height + gap
+    return sheet

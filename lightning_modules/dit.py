@@ -49,7 +49,9 @@ from fsvideo.flow import (
 )
 from fsvideo.latent_space import LATENT_SPACE, LATENT_STATS, LatentSpace, LatentStats
 from fsvideo.parallel import ParallelConfig
+from fsvideo.pipeline import RefinerChain
 from fsvideo.pretrained import MANIFEST_KEY, NetworkSnapshot, load_weights, read_snapshot
+from fsvideo.stages import SamplingSettings
 from lightning_modules.base import OptimizerConfig, SavedNetwork, TrainingStage
 from lightning_modules.ema import make_ema_twin
 
@@ -124,6 +126,9 @@ class DiTModule(TrainingStage):
         max_nonfinite_in_row: stop after this many consecutive non-finite steps.
     """
 
+    network_name = "dit"
+    """Name of the trained DiT in checkpoints' manifests and in ``fsvideo export`` (``OUT/dit/``)."""
+
     def __init__(
         self,
         dit: DiTConfig,
@@ -186,7 +191,7 @@ class DiTModule(TrainingStage):
         their shards. Lightning calls this on every rank (once the device mesh exists) at each trainer entry
         point; a second call finds the work done."""
         networks = [self.dit] + ([self.dit_ema] if self.dit_ema is not None else [])
-        self.parallelize(networks, [], self.parallel)
+        self.parallelize(networks, self.frozen.networks(), self.parallel)
         if not any(p.is_meta for p in self.dit.parameters()):
             return
         device = self.trainer.strategy.root_device
@@ -252,7 +257,7 @@ class DiTModule(TrainingStage):
             self.set_empty_text(*data.empty_text)
 
     def saved_networks(self) -> dict[str, SavedNetwork]:
-        return {"dit": SavedNetwork(self.dit, self.dit_ema, self.dit_records())}
+        return {self.network_name: SavedNetwork(self.dit, self.dit_ema, self.dit_records())}
 
     def dit_records(self) -> dict[str, Any]:
         """What a saved DiT is used with: its latent statistics and the latent space it trained in."""
@@ -268,7 +273,8 @@ class DiTModule(TrainingStage):
         """Resuming (called after ``setup``): the checkpoint's latent space must be the data's."""
         super().on_load_checkpoint(checkpoint)
         path = getattr(self._trainer, "ckpt_path", None) or "being loaded"
-        record = checkpoint.get(MANIFEST_KEY, {}).get("dit", {}).get("records", {}).get(LATENT_SPACE)
+        entry = checkpoint.get(MANIFEST_KEY, {}).get(self.network_name, {})
+        record = entry.get("records", {}).get(LATENT_SPACE)
         recorded = None if record is None else LatentSpace.from_record(record, f"checkpoint {path}")
         data_space = self._data_latent_space()
         if data_space is None:
@@ -347,9 +353,11 @@ class DiTModule(TrainingStage):
         shift = self.flow.shift_for(z0[0, 0].numel() // self.dit.config.patch_volume)
         return sigma if shift == 1.0 else shift_sigma(sigma, shift)
 
-    def build_condition(self, z0: torch.Tensor, batch: dict[str, Any]) -> FrameCondition:
+    def build_condition(self, z0: torch.Tensor, batch: dict[str, Any], augment: bool) -> FrameCondition:
         """The conditioning task of a batch: image to video for clips (frame 0 given), none for stills (text to
-        image: a still's only frame would otherwise be given, and the image stage learns text-visual alignment)."""
+        image: a still's only frame would otherwise be given, and the image stage learns text-visual alignment).
+        ``augment`` is True in training steps (random condition augmentations of subclasses), False in
+        validation."""
         mask_channels = self.dit.config.mask_channels
         if z0.shape[2] > 1:
             return image_to_video(z0[:, :, :1], z0.shape[2], mask_channels)
@@ -367,7 +375,7 @@ class DiTModule(TrainingStage):
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Pseudo-Huber flow-matching loss of ``network`` at noise levels ``sigma`` ``B`` with ``noise``
         (shaped like the normalised latent ``z0`` ``B×C×t×h×w``); also the router maxima when asked."""
-        condition = self.build_condition(z0, batch)
+        condition = self.build_condition(z0, batch, augment=drop)
         text, text_mask, image = self.conditions(batch, z0.shape[2] > 1, drop)
         latent_in = condition.model_input(interpolate(z0, noise, sigma))  # (B, 2C + k, t, h, w)
         out = network(latent_in, sigma, text, image, text_mask, return_router_weights=return_router_weights)
@@ -404,6 +412,13 @@ class DiTModule(TrainingStage):
     def inference_dit(self) -> DiT:
         """The weights to evaluate and export: EMA when kept."""
         return self.dit_ema if self.dit_ema is not None else self.dit
+
+    def sampling_networks(
+        self, refine: SamplingSettings
+    ) -> tuple[DiT, torch.Tensor, torch.Tensor, RefinerChain | None]:
+        """What in-training samples generate with: the base DiT, its latent mean / std, and the refiner chain
+        (None here: a base-DiT run samples at the base size; ``refine`` sets a refiner run's stage)."""
+        return self.inference_dit(), self.latent_mean, self.latent_std, None
 
     def on_validation_epoch_start(self) -> None:
         self.val_router_heatmap = None

@@ -18,6 +18,7 @@ from fsvideo.dit import DiT, DiTConfig
 from fsvideo.encoders import save_tiny_encoders
 from fsvideo.latent_space import LatentStats
 from fsvideo.pretrained import MANIFEST_KEY, load_network, network_manifest_entry
+from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 
 FRAMES, HEIGHT, WIDTH = 5, 128, 64
 """Video size of ``write_tiny_runs``' pipeline config."""
@@ -101,6 +102,27 @@ def write_tiny_runs(directory: Path, latent_stats: bool = True) -> Path:
         },
     }
     path = directory / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def write_two_stage_config(directory: Path) -> Path:
+    """``write_tiny_runs``' pipeline plus a random latent upsampler and refiner (saved-model folders): the
+    two-stage chain of Figure 2; returns the config path."""
+    config = yaml.safe_load(write_tiny_runs(directory).read_text())
+    generator = torch.Generator().manual_seed(1)
+    channels = FSAEConfig.tiny().latent_channels
+    upsampler = LatentUpsampler(LatentUpsamplerConfig.tiny(latent_channels=channels))
+    refiner = load_network(config["dit"], DiT)  # the refiner starts as the base DiT, then moves off it
+    with torch.no_grad():
+        for param in refiner.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    records = {"latent_stats": LatentStats([0.0] * channels, [1.0] * channels, 0).record()}
+    config["upsampler"] = str(upsampler.save_pretrained(directory / "upsampler"))
+    config["refiner"] = str(refiner.save_pretrained(directory / "refiner", records=records))
+    config["refine"] = {"steps": 2, "guidance_scale": 2.0, "shift": None, "sampler": "euler"}
+    config["generation"] |= {"height": 128, "width": 128}
+    path = directory / "pipeline-2x.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
