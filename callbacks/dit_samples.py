@@ -106,15 +106,6 @@ def read_held_out_clips(
     return clips
 
 
-def latent_data(trainer: L.Trainer) -> LatentData:
-    """The trainer's DataModule, which must offer latent-space information (``datamodules.latents.LatentData``)."""
-    if not isinstance(trainer.datamodule, LatentData):
-        raise ValueError(
-            f"DiTSamples needs a DataModule of latents (datamodules.latents), got {type(trainer.datamodule).__name__}."
-        )
-    return trainer.datamodule
-
-
 @contextmanager
 def preserved_modes(module: torch.nn.Module) -> Iterator[None]:
     """Restores every submodule's train / eval mode and every parameter's ``requires_grad`` on exit (the
@@ -241,7 +232,8 @@ class DiTSamples(L.Callback):
     def held_out_clips(self, trainer: L.Trainer) -> list[HeldOutClip]:
         """The held-out set, read on first use."""
         if self._clips is None:
-            shards = self.shards or latent_data(trainer).held_out_shards()
+            data = trainer.datamodule if isinstance(trainer.datamodule, LatentData) else None
+            shards = self.shards or (data.held_out_shards() if data is not None else None)
             if not shards:
                 raise ValueError(
                     "DiTSamples: no held-out shards; set the callback's init_args.shards to video shards (e.g. "
@@ -256,7 +248,8 @@ class DiTSamples(L.Callback):
     def networks(self, trainer: L.Trainer) -> LatentEncoder:
         """The FSAE and text / image encoders, loaded on the CPU on first use."""
         if self._networks is None:
-            paths = self.encoders or latent_data(trainer).encoder_paths()
+            data = trainer.datamodule if isinstance(trainer.datamodule, LatentData) else None
+            paths = self.encoders or (data.encoder_paths() if data is not None else None)
             if paths is None or not paths.has_conditions:
                 raise ValueError(
                     "DiTSamples: no FSAE / text / image encoder paths; set the callback's init_args.encoders "
