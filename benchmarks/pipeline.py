@@ -13,6 +13,10 @@ random-weight networks, measured in this same run:
 The text and image encoders are tiny random UMT5 / CLIP (``save_tiny_encoders``) in both rows: their cost
 is the same on both sides and not what is compared; the DiT's text/image widths follow them (32).
 
+``--two-stage`` compares instead the paper's chain (base DiT at half the size → latent upsampler ×2 → refiner
+at the full size, ``--refine-steps``) with the base DiT run directly at the full size with the same steps:
+DiT tokens and time per stage, and the ratio of the totals (random weights; the refiner has the base's size).
+
 The DiT dominates at real sizes. On a CPU use small widths: the tiny FSAE and the Wan VAE take seconds to
 a minute at 128², ``--preset paper`` (FSAE-f64t4c128, 867M parameters) is slow on a CPU (about 45 s per
 9-frame 128² clip on 2 cores), and the paper DiT (14B) needs a large GPU. On a shared CPU, ``--threads 1``
@@ -20,6 +24,7 @@ avoids the large slowdowns that busy threads of other processes cause to multi-t
 
     python benchmarks/pipeline.py --help
     python benchmarks/pipeline.py --frames 17 --height 256 --width 256 --dit-dim 512 --dit-layers 8 --dit-heads 8
+    python benchmarks/pipeline.py --two-stage --frames 17 --height 256 --width 256 --steps 8 --refine-steps 4
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from diffusers import AutoencoderKLWan
 from fsvideo.ae import FSAE, FSAEConfig
 from fsvideo.dit import DiT, DiTConfig
 from fsvideo.encoders import ImageEncoder, TextEncoder, save_tiny_encoders
-from fsvideo.pipeline import FSVideoPipeline, GenerationSettings
-from fsvideo.stages import sample_i2v_latent
+from fsvideo.pipeline import FSVideoPipeline, GenerationSettings, RefinerChain
+from fsvideo.refiner import DynamicMaskConfig
+from fsvideo.stages import SamplingSettings, sample_i2v_latent
+from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 
 PROMPT = "a cat walks across the garden in the morning light"
 
@@ -72,6 +79,12 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="CPU threads of torch (default: torch's); 1 keeps timings stable on a shared machine",
     )
+    parser.add_argument(
+        "--two-stage",
+        action="store_true",
+        help="compare base → upsampler → refiner with the base DiT directly at the full size (no Wan row)",
+    )
+    parser.add_argument("--refine-steps", type=int, default=None, help="refiner steps (default: --steps)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed 1-step generations of each row first")
     parser.add_argument(
         "--repeats",
@@ -172,10 +185,73 @@ def run_wan_row(
     return timings
 
 
+def image_of(args: argparse.Namespace) -> torch.Tensor:
+    """A smooth ``3×H×W`` test image in [-1, 1]."""
+    y, x = torch.meshgrid(
+        torch.linspace(-1, 1, args.height), torch.linspace(-1, 1, args.width), indexing="ij"
+    )
+    return torch.stack([x, y, x * y])
+
+
+def run_two_stage(args: argparse.Namespace, direct: FSVideoPipeline, image: torch.Tensor) -> None:
+    """The chain (base at half the size, upsampler, refiner) against ``direct`` (the base DiT at full size)."""
+    channels = direct.autoencoder.config.latent_channels
+    upsampler_config = LatentUpsamplerConfig.tiny if args.preset == "tiny" else LatentUpsamplerConfig.paper
+    upsampler = build(lambda: LatentUpsampler(upsampler_config(latent_channels=channels)), args.device)
+    refiner = build(lambda: DiT(direct.dit.config), args.device)
+    randomize_(refiner, seed=2)
+    refine = SamplingSettings(
+        args.refine_steps or args.steps, args.guidance_scale, shift=None, sampler=args.sampler
+    )
+    chain = RefinerChain(
+        upsampler, refiner, torch.zeros(channels), torch.ones(channels), DynamicMaskConfig(), refine
+    )
+    two_stage = FSVideoPipeline(
+        direct.autoencoder,
+        direct.dit,
+        direct.text_encoder,
+        direct.image_encoder,
+        direct.latent_mean,
+        direct.latent_std,
+        device=args.device,
+        precision=args.precision,
+        defaults=direct.defaults,
+        chain=chain,
+    )
+    for _ in range(args.warmup):
+        two_stage.generate(image, PROMPT, steps=1)
+        direct.generate(image, PROMPT, steps=1)
+    rounds = [
+        (two_stage.generate(image, PROMPT), direct.generate(image, PROMPT)) for _ in range(args.repeats)
+    ]
+    best = [{k: min(r[row].timings[k] for r in rounds) for k in rounds[0][row].timings} for row in (0, 1)]
+    t = 1 + (args.frames - 1) // 4
+    full_tokens = t * (args.height // 64) * (args.width // 64)
+    print(
+        f"clip {args.frames}×{args.height}×{args.width}, base {args.steps} and refiner {refine.steps} "
+        f"{args.sampler} steps, guidance {args.guidance_scale}, device {direct.device} "
+        f"({torch.get_num_threads()} threads), {direct.precision}, best of {args.repeats} rounds"
+    )
+    print(f"{'row':10s} {'DiT tokens':>22s} " + " ".join(f"{k:>9s}" for k in best[0]) + f" {'total s':>9s}")
+    for name, timings, tokens in (
+        ("two-stage", best[0], f"{full_tokens // 4} base + {full_tokens} refine"),
+        ("direct", best[1], f"{full_tokens}"),
+    ):
+        cells = " ".join(f"{timings[k]:9.2f}" if k in timings else f"{'-':>9s}" for k in best[0])
+        print(f"{name:10s} {tokens:>22s} {cells} {sum(timings.values()):9.2f}")
+    nfe = [sum(stage.get("nfe", 0) for stage in rounds[0][row].stages) for row in (0, 1)]
+    print(f"DiT evaluations: two-stage {nfe[0]}, direct {nfe[1]}")
+    print(f"total time ratio (direct / two-stage): {sum(best[1].values()) / sum(best[0].values()):.2f}×")
+
+
 def main() -> None:
     args = parse_args()
     if (args.frames - 1) % 4 or args.frames < 5 or args.height % 64 or args.width % 64:
         raise SystemExit("--frames must be 1 + 4k (k >= 1) and --height/--width multiples of 64")
+    if args.two_stage and (args.height % 128 or args.width % 128):
+        raise SystemExit(
+            "--two-stage needs --height/--width multiples of 128 (the base runs at half the size)"
+        )
     device = args.device
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -212,16 +288,15 @@ def main() -> None:
         precision=args.precision,
         defaults=settings,
     )
+    if args.two_stage:
+        return run_two_stage(args, pipe, image_of(args))
     wan_dit = build(lambda: DiT(wan_config), device)
     randomize_(wan_dit, seed=1)
     if pipe.precision == "bf16":
         wan_dit.to(torch.bfloat16)
     vae = AutoencoderKLWan().to(device).eval().requires_grad_(False) if args.wan_vae == "full" else None
 
-    y, x = torch.meshgrid(
-        torch.linspace(-1, 1, args.height), torch.linspace(-1, 1, args.width), indexing="ij"
-    )
-    image = torch.stack([x, y, x * y])  # a smooth 3×H×W test image in [-1, 1]
+    image = image_of(args)
     for _ in range(args.warmup):
         pipe.generate(image, PROMPT, steps=1)
         run_wan_row(args, pipe, wan_dit, None, image, steps=1)
