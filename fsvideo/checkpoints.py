@@ -1,6 +1,6 @@
-"""Reading weights safely: checkpoints, state dicts, and the checkpoint of a run directory.
+"""Reading checkpoints safely, and finding the checkpoint of a run directory.
 
-Everything here loads with ``torch.load(weights_only=True)`` or safetensors: no checkpoint can run code.
+Everything here loads with ``torch.load(weights_only=True)``: no checkpoint can run code.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 RUN_CONFIG = "config.yaml"
 """Name of the resolved config that ``fsvideo fit`` writes in every run directory."""
@@ -36,17 +35,6 @@ def safe_torch_load(
             "The file is truncated, corrupt, or not a PyTorch checkpoint; use an earlier checkpoint "
             "or re-export the weights."
         ) from error
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat state dict from a Lightning ``.ckpt``, a ``torch.save``d dict or a ``.safetensors`` file."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file; expected a safetensors weight file.")
-        return load_file(str(path))
-    checkpoint = safe_torch_load(path, expected="a checkpoint of an earlier stage")
-    return checkpoint.get("state_dict", checkpoint)
 
 
 def find_run_checkpoint(path: str | Path) -> Path:
