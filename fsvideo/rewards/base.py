@@ -106,6 +106,17 @@ class RewardModel(PretrainedNetwork, nn.Module):
     ) -> torch.Tensor:
         return self.score(video, first_frame, prompts)
 
+    def to_empty(self, *, device: str | torch.device | None, recurse: bool = True) -> RewardModel:
+        super().to_empty(device=device, recurse=recurse)
+        # Non-persistent buffers (rotary frequencies, position ids) come from the config, never from saved weights:
+        # materialised from the meta device (load_network) they are uninitialised memory until transformers'
+        # own initialisation recomputes them (it also re-draws those modules' weights, which loading overwrites).
+        with torch.no_grad():
+            for module in self.backbone.modules():
+                if module._non_persistent_buffers_set:
+                    self.backbone._init_weights(module)
+        return self
+
     @classmethod
     def from_backbone(cls, config: Any, device: str | torch.device = "cpu") -> RewardModel:
         """A reward model whose backbone weights transformers reads from ``config.backbone``; the other weights
