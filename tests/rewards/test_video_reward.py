@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_video_config
 from run_dirs import write_network_run
+from tiny_rewards import tiny_video_config
 from transformers import Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
