@@ -7,6 +7,7 @@
     fsvideo data inspect 'data/sample/train-{000000..000003}.tar'
     fsvideo generate --config configs/pipeline/tiny.yaml --image first.png --prompt "…" --out out.mp4
     fsvideo export runs/tiny-dit-pretrain-video --out models/   # saved-model folders of a run's networks
+    fsvideo rewards pool --inputs inputs.jsonl --pipeline configs/pipeline/… --out pool/   # pairs to label
     fsvideo report id --run "no reg=runs/a" --run "video VF=runs/b" --shards 'data/sample/val-000000.tar'
 
 Every run lives in ``trainer.default_root_dir`` (``runs/<name>`` in the bundled configs): the fully
@@ -225,6 +226,10 @@ def _dispatch(args: list[str]) -> None:
         from fsvideo.export import export_main
 
         return export_main(args[1:])
+    if args[:1] == ["rewards"]:
+        from fsvideo.rewards.commands import rewards_main
+
+        return rewards_main(args[1:])
     if args[:1] == ["report"]:
         from callbacks.reports import report_main
 

@@ -176,6 +176,7 @@ def _import_network_classes() -> None:
     """Import the modules that define network classes, so that they register themselves."""
     import fsvideo.ae  # noqa: F401
     import fsvideo.dit  # noqa: F401
+    import fsvideo.rewards  # noqa: F401
     import fsvideo.upsampler  # noqa: F401
 
 
@@ -434,6 +435,16 @@ def load_network(
     mode with ``requires_grad`` off: built on the meta device, materialised on ``device`` and filled tensor by
     tensor. ``expected`` refuses a network of another class with a one-line error."""
     snapshot = read_snapshot(path, name=name, ema=ema, expected=expected)
+    # a class whose folders keep part of the weights in another library's format (reward models: a transformers
+    # backbone in a subfolder) reads its own folders; None leaves the folder to the generic path
+    folder_loader = getattr(snapshot.network_class(), "load_saved_folder", None)
+    if folder_loader is not None and is_saved_model_folder(path):
+        cls = snapshot.network_class()
+        if expected is not None and not issubclass(cls, expected):
+            raise ValueError(f"{snapshot.source} holds a {snapshot.class_name}, not a {expected.__name__}.")
+        network = folder_loader(Path(path), snapshot, device)
+        if network is not None:
+            return network.eval().requires_grad_(False)
     return build_network(snapshot, expected, device)
 
 
