@@ -6,7 +6,7 @@ random-weight networks, measured in this same run:
   fsvideo    ``FSVideoPipeline.generate``: FSAE (``--preset``) encoder on the first frame, DiT on the FSAE
              latent grid (64×64×4, patch 1×1×1), FSAE decoder. Stage times are the pipeline's own.
   wan grid   the same DiT width and depth on Wan's latent grid (16 channels, 8×8×4, patch 1×2×2) through the
-             same sampling code (``fsvideo.stages.sample_i2v_latent``), with diffusers' ``AutoencoderKLWan``
+             same sampling code (``fsvideo.stages.sample_conditioned`` with the I2V condition), with diffusers' ``AutoencoderKLWan``
              at its default config (Wan2.1's VAE, 127M parameters) encoding ``[image, zeros]`` as Wan I2V
              does and decoding the result. ``--wan-vae none`` skips the Wan VAE (DiT-stage ratio only).
 
@@ -38,11 +38,11 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from fsvideo.ae import FSAE, FSAEConfig
-from fsvideo.dit import DiT, DiTConfig
+from fsvideo.dit import DiT, DiTConfig, image_to_video
 from fsvideo.encoders import ImageEncoder, TextEncoder, save_tiny_encoders
 from fsvideo.pipeline import FSVideoPipeline, GenerationSettings, RefinerChain
 from fsvideo.refiner import DynamicMaskConfig
-from fsvideo.stages import SamplingSettings, sample_i2v_latent
+from fsvideo.stages import SamplingSettings, sample_conditioned
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 
 PROMPT = "a cat walks across the garden in the morning light"
@@ -163,10 +163,9 @@ def run_wan_row(
             first_latent = torch.randn(1, 16, 1, args.height // 8, args.width // 8, device=device)
         timings["encode"] = synced(device) - start
         start = synced(device)
-        latent = sample_i2v_latent(
+        latent = sample_conditioned(
             dit,
-            first_latent,
-            latent_frames,
+            image_to_video(first_latent, latent_frames, dit.config.mask_channels),
             (tokens[:1], mask[:1]),
             (tokens[1:], mask[1:]),
             image_tokens,

@@ -21,7 +21,6 @@ Public API:
     GenerationState                                  what the stages hand each other
     PipelineStage                                    protocol: ``name``, ``run(state, runtime, callback) -> dict``
     SamplingSettings                                 steps, guidance, shift, sampler of one sampling stage
-    sample_i2v_latent(dit, first_frame_latent, …)    the base stage's sampling alone (benchmarks use it)
     sample_conditioned(dit, condition, …)          the flow sampler of every sampling stage
     EncodeStage, BaseSamplingStage, UpsampleStage, RefineStage, DecodeStage
 """
@@ -217,40 +216,6 @@ def sample_conditioned(
     return condition.fix_sample(z0.float())
 
 
-def sample_i2v_latent(
-    dit: DiT,
-    first_frame_latent: torch.Tensor,
-    num_latent_frames: int,
-    text: tuple[torch.Tensor, torch.Tensor],
-    negative_text: tuple[torch.Tensor, torch.Tensor],
-    image_tokens: torch.Tensor | None,
-    steps: int,
-    guidance_scale: float,
-    shift: float,
-    sampler: str,
-    generator: torch.Generator,
-    autocast_dtype: torch.dtype | None = None,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """``sample_conditioned`` with the base DiT's image-to-video condition: ``num_latent_frames`` frames whose
-    frame 0 is ``first_frame_latent`` ``B×C×1×h×w`` (normalised, on the DiT's device)."""
-    condition = image_to_video(first_frame_latent, num_latent_frames, dit.config.mask_channels)
-    return sample_conditioned(
-        dit,
-        condition,
-        text,
-        negative_text,
-        image_tokens,
-        steps,
-        guidance_scale,
-        shift,
-        sampler,
-        generator,
-        autocast_dtype,
-        callback,
-    )
-
-
 class EncodeStage:
     """Image → first-frame latent and features (FSAE encoder, float32); prompts and image → tokens."""
 
@@ -282,7 +247,7 @@ class EncodeStage:
 
 
 class BaseSamplingStage:
-    """The base DiT samples the latent video from noise, frame 0 given by the image (``sample_i2v_latent``)."""
+    """The base DiT samples the latent video from noise, frame 0 given by the image (``image_to_video``)."""
 
     name = "dit"
 
@@ -297,10 +262,10 @@ class BaseSamplingStage:
         settings = state.settings.base_sampling()
         num_latent_frames = 1 + (state.settings.num_frames - 1) // self.temporal_compression
         with runtime.place(self.dit):
-            z0 = sample_i2v_latent(
+            first = self.normalization.normalize(state.first_latent)
+            z0 = sample_conditioned(
                 self.dit,
-                self.normalization.normalize(state.first_latent),
-                num_latent_frames,
+                image_to_video(first, num_latent_frames, self.dit.config.mask_channels),
                 state.text,
                 state.negative_text,
                 state.image_tokens,
