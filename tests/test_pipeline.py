@@ -180,7 +180,7 @@ def test_input_errors(tmp_path, tiny):
     with pytest.raises(ValueError, match="unknown generation setting"):
         pipe.generate(image, "a cat", frames=9)
     raw = yaml.safe_load(config.read_text())
-    with pytest.raises(ValueError, match="not available yet"):
+    with pytest.raises(ValueError, match="set both upsampler and refiner"):
         PipelineConfig(**raw, upsampler="runs/upsampler")
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**raw, "generation": {"step": 3}}))
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['step'\]"):
