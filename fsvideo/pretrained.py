@@ -176,6 +176,7 @@ def _import_network_classes() -> None:
     """Import the modules that define network classes, so that they register themselves."""
     import fsvideo.ae  # noqa: F401
     import fsvideo.dit  # noqa: F401
+    import fsvideo.upsampler  # noqa: F401
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
