@@ -29,6 +29,8 @@ Public API:
     LatentUpsampler(config)   ``forward(latent)``; ``init_weights()``; meta-device buildable; saved-model folder
                               through ``PretrainedNetwork`` (``save_pretrained`` / ``from_pretrained``)
     interpolate_latent(latent)  the trilinear ×2 in space (time untouched) used as shortcut and baseline
+    downsample_video(video)     V_low of training: antialiased bicubic ↓2 per frame, ``B×3×T×H×W`` in [-1, 1]
+    upsample_video(video)       the RGB baseline: bicubic ×2 per frame
 """
 
 from __future__ import annotations
@@ -88,6 +90,24 @@ class LatentUpsamplerConfig:
 def interpolate_latent(latent: torch.Tensor) -> torch.Tensor:
     """Trilinear ×2 in space, time untouched: ``B×C×t×h×w`` → ``B×C×t×2h×2w``."""
     return F.interpolate(latent, scale_factor=(1, 2, 2), mode="trilinear", align_corners=False)
+
+
+def downsample_video(video: torch.Tensor) -> torch.Tensor:
+    """V_low: antialiased bicubic ↓2 per frame, ``B×3×T×H×W`` → ``B×3×T×H/2×W/2``, clamped to [-1, 1]
+    (bicubic overshoots, and the FSAE refuses values far outside)."""
+    return _resize_frames(video, 0.5, antialias=True)
+
+
+def upsample_video(video: torch.Tensor) -> torch.Tensor:
+    """The RGB baseline: bicubic ×2 per frame, ``B×3×T×H×W`` → ``B×3×T×2H×2W``, clamped to [-1, 1]."""
+    return _resize_frames(video, 2.0, antialias=False)
+
+
+def _resize_frames(video: torch.Tensor, scale: float, antialias: bool) -> torch.Tensor:
+    b, t = video.shape[0], video.shape[2]
+    frames = video.transpose(1, 2).flatten(0, 1)  # (B·T, 3, H, W)
+    frames = F.interpolate(frames, scale_factor=scale, mode="bicubic", antialias=antialias)
+    return frames.clamp(-1, 1).unflatten(0, (b, t)).transpose(1, 2)  # (B, 3, T, H', W')
 
 
 class ResidualBlock(nn.Module):

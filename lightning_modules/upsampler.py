@@ -44,7 +44,13 @@ from fsvideo.ae.injection import NoiseSource
 from fsvideo.ae.patch import first_frame_aligned
 from fsvideo.losses import PerceptualLoss, fold_time
 from fsvideo.pretrained import load_network, load_weights, read_snapshot
-from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig, interpolate_latent
+from fsvideo.upsampler import (
+    LatentUpsampler,
+    LatentUpsamplerConfig,
+    downsample_video,
+    interpolate_latent,
+    upsample_video,
+)
 from lightning_modules.autoencoder import PatchDecodeConfig
 from lightning_modules.base import OptimizerConfig, SavedNetwork, TrainingStage
 from lightning_modules.ema import make_ema_twin
@@ -110,21 +116,6 @@ class DecodeConfig:
             raise ValueError(f"decode.latent_frames must be >= 1 or null, got {self.latent_frames}")
         if self.context_frames < 0:
             raise ValueError(f"decode.context_frames must be >= 0, got {self.context_frames}")
-
-
-def downsample_video(video: torch.Tensor) -> torch.Tensor:
-    """V_low: antialiased bicubic ↓2 per frame, ``B×3×T×H×W`` → ``B×3×T×H/2×W/2``, clamped to [-1, 1]
-    (bicubic overshoots)."""
-    b, t = video.shape[0], video.shape[2]
-    frames = F.interpolate(fold_time(video), scale_factor=0.5, mode="bicubic", antialias=True)
-    return frames.clamp(-1, 1).reshape(b, t, *frames.shape[1:]).transpose(1, 2)
-
-
-def upsample_video(video: torch.Tensor) -> torch.Tensor:
-    """The RGB baseline: bicubic ×2 per frame, ``B×3×T×H×W`` → ``B×3×T×2H×2W``, clamped to [-1, 1]."""
-    b, t = video.shape[0], video.shape[2]
-    frames = F.interpolate(fold_time(video), scale_factor=2.0, mode="bicubic")
-    return frames.clamp(-1, 1).reshape(b, t, *frames.shape[1:]).transpose(1, 2)
 
 
 def check_video_size(video: torch.Tensor, spatial_compression: int) -> None:
@@ -291,7 +282,7 @@ class UpsamplerModule(TrainingStage):
             "latent_l1": latent_l1,
             "l1": pixel_l1,
             "lpips": lpips_value,
-            "alpha3": torch.tensor(alpha3),
+            "alpha3": loss.new_tensor(alpha3),
         }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
