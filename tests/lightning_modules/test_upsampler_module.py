@@ -152,7 +152,7 @@ def test_fit_tiny_config(fsae_folder, sample_shards, tmp_path, monkeypatch):
 def test_learns_a_fixed_clip(fsae_folder):
     module = make_module(fsae_folder, loss=UpsamplerLossConfig(lpips_net="alex", lpips_ramp_steps=0))
     optimizer = torch.optim.Adam(module.upsampler.parameters(), lr=3e-3)
-    video = fixed_video()
+    video = fixed_video(frames=1)  # a still: the same objective at a fifth of the cost
     losses = []
     for step in range(30):
         loss = module.compute_loss(video, step)["loss"]
