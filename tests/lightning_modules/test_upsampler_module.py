@@ -15,6 +15,7 @@ from cli import FSVideoCLI
 from fsvideo.ae import FSAE
 from fsvideo.pretrained import MANIFEST_KEY, load_network
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
+from lightning_modules.autoencoder import PatchDecodeConfig
 from lightning_modules.upsampler import DecodeConfig, UpsamplerLossConfig, UpsamplerModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,6 +29,15 @@ def fsae_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("upsampler_fsae")
     run = write_fsae_run(root / "run")
     return load_network(run, FSAE).save_pretrained(root / "autoencoder")
+
+
+@pytest.fixture(scope="module")
+def standard_folder(tmp_path_factory) -> Path:
+    """A random small FSAE-Standard (non-causal decoder, first-frame injection, decoder noise)."""
+    torch.manual_seed(0)
+    fsae = FSAE(SMALL_FSAE.with_decoder_variant("standard"))
+    fsae.init_weights()
+    return fsae.save_pretrained(tmp_path_factory.mktemp("upsampler_fsae_standard") / "autoencoder")
 
 
 def make_module(fsae_folder: Path, **kwargs) -> UpsamplerModule:
@@ -96,6 +106,25 @@ def test_mid_video_window_decodes_only_the_window(fsae_folder):
     torch.manual_seed(0)
     sizes = {module.decode_for_loss(latent, None)[0].shape[2] for _ in range(6)}
     assert sizes <= {1, 4} and 4 in sizes  # latent frame 0 → 1 pixel frame, later ones → 4
+
+
+def test_patch_decode_of_the_whole_map_is_the_full_decode(fsae_folder):
+    patch = PatchDecodeConfig(min_pixels=0, latent_patch_size=(2, 16, 16))  # tail input of a 128² clip
+    module = make_module(fsae_folder, decode=DecodeConfig(patch_decode=patch))
+    latent = torch.randn(1, CHANNELS, 2, 2, 2)
+    decoded, index = module.decode_for_loss(latent, None)
+    torch.testing.assert_close(decoded, module.autoencoder.decode(latent)[index])
+
+
+def test_standard_decoder_window_trains_the_upsampler(standard_folder):
+    with pytest.raises(ValueError, match="patch_decode needs the causal"):
+        make_module(standard_folder, decode=DecodeConfig(patch_decode=PatchDecodeConfig()))
+    module = make_module(standard_folder, decode=DecodeConfig(latent_frames=1, context_frames=1))
+    with torch.no_grad():
+        module.upsampler.proj_out.weight.normal_(std=0.05)
+    terms = module.compute_loss(fixed_video(), step=0)  # first-frame features of V_high reach the decoder
+    terms["loss"].backward()
+    assert module.upsampler.proj_in.weight.grad.abs().sum() > 0
 
 
 def test_init_from_a_saved_upsampler(fsae_folder, tmp_path):
