@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fsvideo.pretrained import PretrainedNetwork
 
@@ -61,8 +60,6 @@ class LatentUpsamplerConfig:
     interpolation_shortcut: bool = True
     """Add the trilinear ×2 of the input to the output (with ``proj_out`` zero-initialised, a fresh network is
     latent interpolation)."""
-    gradient_checkpointing: bool = False
-    """Recompute each residual block in the backward pass instead of keeping its activations."""
 
     def __post_init__(self) -> None:
         if min(self.latent_channels, self.width, self.norm_groups) < 1 or self.num_blocks < 0:
@@ -143,7 +140,6 @@ class LatentUpsampler(PretrainedNetwork, nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.num_blocks))
         kt = config.temporal_kernel_size
         self.proj_out = nn.Conv3d(width, c, (kt, 3, 3), padding=(kt // 2, 1, 1))
-        self.gradient_checkpointing = config.gradient_checkpointing
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter: PyTorch's conv default, norms to identity; ``proj_out`` to zero
@@ -176,11 +172,8 @@ class LatentUpsampler(PretrainedNetwork, nn.Module):
         x = F.silu(self.norm_in(x))
 
         # 2. residual blocks at the high resolution
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        for block in self.blocks:  # activation checkpointing is applied from outside (fsvideo.parallel)
+            x = block(x)
 
         # 3. output projection, on top of interpolation when the shortcut is on
         out = self.proj_out(x)  # (B, C, t, 2h, 2w)

@@ -43,6 +43,7 @@ from fsvideo.ae import FSAE, CausalCache, TilingConfig
 from fsvideo.ae.injection import NoiseSource
 from fsvideo.ae.patch import first_frame_aligned
 from fsvideo.losses import PerceptualLoss, fold_time
+from fsvideo.parallel import ParallelConfig
 from fsvideo.pretrained import load_network, load_weights, read_snapshot
 from fsvideo.upsampler import (
     LatentUpsampler,
@@ -147,6 +148,8 @@ class UpsamplerModule(TrainingStage):
         max_nonfinite_in_row: stop after this many consecutive non-finite steps.
         num_val_videos: videos kept from the first validation batch for the video callback (V_high beside the
             three routes).
+        parallel: activation checkpointing (per residual block) and compile of the upsampler and its EMA twin
+            (``fsvideo.parallel``); the frozen FSAE's checkpointing is ``decode.gradient_checkpointing``.
     """
 
     def __init__(
@@ -160,12 +163,14 @@ class UpsamplerModule(TrainingStage):
         ema_decay: float = 0.999,
         max_nonfinite_in_row: int = 20,
         num_val_videos: int = 2,
+        parallel: ParallelConfig | None = None,
     ) -> None:
         super().__init__(ema_decay=ema_decay, max_nonfinite_in_row=max_nonfinite_in_row)
         self.optimizer_config = optimizer or OptimizerConfig()
         self.loss_config = loss or UpsamplerLossConfig()
         self.decode_config = decode or DecodeConfig()
         self.num_val_videos = num_val_videos
+        self.parallel = parallel or ParallelConfig()
         fsae = self.frozen.add("autoencoder", load_network(autoencoder, expected=FSAE))
         fsae.decoder.gradient_checkpointing = self.decode_config.gradient_checkpointing
         if fsae.config.latent_channels != upsampler.latent_channels:
@@ -175,8 +180,9 @@ class UpsamplerModule(TrainingStage):
             )
         if self.decode_config.patch_decode is not None and fsae.config.improved_decoder:
             raise ValueError(
-                f"decode.patch_decode needs the causal FSAE decoder, but {autoencoder} has the "
-                f"{fsae.config.decoder_variant!r} decoder; use decode.latent_frames instead (patch_decode: null)."
+                f"decode.patch_decode needs the causal FSAE decoder, but {autoencoder} has a §2.2.3 decoder "
+                f"(decoder_variant {fsae.config.decoder_variant!r}, first-frame injection or noise); use "
+                "decode.latent_frames instead (patch_decode: null)."
             )
         self.upsampler = LatentUpsampler(upsampler)
         self.upsampler.init_weights()
@@ -202,6 +208,12 @@ class UpsamplerModule(TrainingStage):
     @property
     def autoencoder(self) -> FSAE:
         return self.frozen["autoencoder"]
+
+    def configure_model(self) -> None:
+        """Apply ``parallel`` to the upsampler and its EMA twin (Lightning calls this at every trainer entry
+        point; a second call finds the work done)."""
+        networks = [self.upsampler] + ([self.upsampler_ema] if self.upsampler_ema is not None else [])
+        self.parallelize(networks, [], self.parallel)
 
     def configure_optimizers(self):
         optimizer, scheduler = self.optimizer_config.build(self.upsampler.parameters())
