@@ -32,7 +32,7 @@ from datamodules.latent_encoder import EncoderPaths, LatentEncoder
 from datamodules.streaming import BucketStream, StreamDataModule, TrackingLoader, WorkerStreamDataset
 from datamodules.video import VideoDataModule
 from fsvideo.latent_space import LatentSpace, LatentStats
-from fsvideo.video_io import downsample_video
+from fsvideo.upsampler import downsample_video
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class EncodingVideoDataModule(VideoDataModule, LatentData):
         encoders: the FSAE run and the text / image encoder folders (both encoders required).
         latent_stats: ``stats.json`` (or a latent cache directory holding one) with the per-channel latent
             mean / std the DiT normalises with; a cache of the same FSAE gives them.
-        low_resolution_latents: also encode each clip downsampled ×2 (bicubic, ``fsvideo.video_io.
+        low_resolution_latents: also encode each clip downsampled ×2 (bicubic, ``fsvideo.upsampler.
             downsample_video``) as ``latent_low`` ``B×C×t×(h/2)×(w/2)``: the paired latents the refiner
             (§2.4.2) trains on. Bucket sides must then be multiples of 128.
         **kwargs: the ``VideoDataModule`` arguments (shards, buckets, frames, fps, batch sizes, …).

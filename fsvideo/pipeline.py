@@ -87,8 +87,8 @@ from fsvideo.stages import (
     StageRuntime,
     UpsampleStage,
 )
-from fsvideo.upsampler import LatentUpsampler
-from fsvideo.video_io import downsample_video, to_uint8_frames
+from fsvideo.upsampler import LatentUpsampler, downsample_video
+from fsvideo.video_io import to_uint8_frames
 
 RESIZE_MODES = ("error", "resize", "crop")
 PRECISIONS = ("auto", "bf16", "bf16-mixed", "fp32")

@@ -29,6 +29,8 @@ Public API:
     LatentUpsampler(config)   ``forward(latent)``; ``init_weights()``; meta-device buildable; saved-model folder
                               through ``PretrainedNetwork`` (``save_pretrained`` / ``from_pretrained``)
     interpolate_latent(latent)  the trilinear ×2 in space (time untouched) used as shortcut and baseline
+    downsample_video(video)     V_low of training: antialiased bicubic ↓2 per frame, ``B×3×T×H×W`` in [-1, 1]
+    upsample_video(video)       the RGB baseline: bicubic ×2 per frame
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fsvideo.pretrained import PretrainedNetwork
 
@@ -59,8 +60,6 @@ class LatentUpsamplerConfig:
     interpolation_shortcut: bool = True
     """Add the trilinear ×2 of the input to the output (with ``proj_out`` zero-initialised, a fresh network is
     latent interpolation)."""
-    gradient_checkpointing: bool = False
-    """Recompute each residual block in the backward pass instead of keeping its activations."""
 
     def __post_init__(self) -> None:
         if min(self.latent_channels, self.width, self.norm_groups) < 1 or self.num_blocks < 0:
@@ -88,6 +87,24 @@ class LatentUpsamplerConfig:
 def interpolate_latent(latent: torch.Tensor) -> torch.Tensor:
     """Trilinear ×2 in space, time untouched: ``B×C×t×h×w`` → ``B×C×t×2h×2w``."""
     return F.interpolate(latent, scale_factor=(1, 2, 2), mode="trilinear", align_corners=False)
+
+
+def downsample_video(video: torch.Tensor) -> torch.Tensor:
+    """V_low: antialiased bicubic ↓2 per frame, ``B×3×T×H×W`` → ``B×3×T×H/2×W/2``, clamped to [-1, 1]
+    (bicubic overshoots, and the FSAE refuses values far outside)."""
+    return _resize_frames(video, 0.5, antialias=True)
+
+
+def upsample_video(video: torch.Tensor) -> torch.Tensor:
+    """The RGB baseline: bicubic ×2 per frame, ``B×3×T×H×W`` → ``B×3×T×2H×2W``, clamped to [-1, 1]."""
+    return _resize_frames(video, 2.0, antialias=False)
+
+
+def _resize_frames(video: torch.Tensor, scale: float, antialias: bool) -> torch.Tensor:
+    b, t = video.shape[0], video.shape[2]
+    frames = video.transpose(1, 2).flatten(0, 1)  # (B·T, 3, H, W)
+    frames = F.interpolate(frames, scale_factor=scale, mode="bicubic", antialias=antialias)
+    return frames.clamp(-1, 1).unflatten(0, (b, t)).transpose(1, 2)  # (B, 3, T, H', W')
 
 
 class ResidualBlock(nn.Module):
@@ -123,7 +140,6 @@ class LatentUpsampler(PretrainedNetwork, nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.num_blocks))
         kt = config.temporal_kernel_size
         self.proj_out = nn.Conv3d(width, c, (kt, 3, 3), padding=(kt // 2, 1, 1))
-        self.gradient_checkpointing = config.gradient_checkpointing
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter: PyTorch's conv default, norms to identity; ``proj_out`` to zero
@@ -156,11 +172,8 @@ class LatentUpsampler(PretrainedNetwork, nn.Module):
         x = F.silu(self.norm_in(x))
 
         # 2. residual blocks at the high resolution
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        for block in self.blocks:  # activation checkpointing is applied from outside (fsvideo.parallel)
+            x = block(x)
 
         # 3. output projection, on top of interpolation when the shortcut is on
         out = self.proj_out(x)  # (B, C, t, 2h, 2w)

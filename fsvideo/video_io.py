@@ -9,7 +9,6 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 
@@ -53,21 +52,6 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 24, crf: int = 
 def side_by_side(*videos: torch.Tensor) -> torch.Tensor:
     """Concatenate ``3×T×H×W`` videos of equal shape along the width."""
     return torch.cat(videos, dim=-1)
-
-
-def downsample_video(video: torch.Tensor, factor: int = 2) -> torch.Tensor:
-    """``B×3×T×H×W`` in [-1, 1] → ``B×3×T×(H/factor)×(W/factor)``, bicubic with antialiasing per frame: the
-    low-resolution twin of a clip that the latent upsampler (§2.4.1) and the refiner (§2.4.2) train on."""
-    b, c, t, h, w = video.shape
-    if h % factor or w % factor:
-        raise ValueError(
-            f"a {h}×{w} clip cannot be downsampled by {factor}: both sides must be multiples of it"
-        )
-    frames = video.transpose(1, 2).reshape(b * t, c, h, w).float()
-    low = F.interpolate(
-        frames, size=(h // factor, w // factor), mode="bicubic", align_corners=False, antialias=True
-    )
-    return low.reshape(b, t, c, h // factor, w // factor).transpose(1, 2).clamp(-1, 1)
 
 
 def read_mp4(path: str | Path) -> np.ndarray:

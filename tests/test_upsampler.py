@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fsvideo.parallel import ParallelConfig, parallelize
 from fsvideo.pretrained import load_network
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig, interpolate_latent
 
@@ -88,11 +89,12 @@ def test_config_and_input_errors():
         network(torch.randn(1, 16, 2, 2))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_from_outside_gives_the_same_gradients():
     latent = torch.randn(1, 16, 2, 2, 2)
     grads = []
     for checkpointing in (False, True):
-        network = tiny_upsampler(gradient_checkpointing=checkpointing)
+        network = tiny_upsampler()
+        parallelize([network], [], ParallelConfig(activation_checkpointing=checkpointing))
         network(latent).square().sum().backward()
         grads.append(network.blocks[0].conv1.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
