@@ -4,8 +4,9 @@ the EMA weights through the same ``fsvideo.pipeline.FSVideoPipeline`` a user cal
 The held-out set is the first ``num_samples`` clips of video shards (by default the source shards of the
 validation latent cache), cut as validation cuts them (start 0, centred crop) to one ``num_frames×height×width``
 bucket and read once. Each sample's first frame and caption go through the pipeline, which is built around the
-module's own inference DiT (``DiTModule.inference_dit()``: the EMA twin, no copy of its weights) and its
-``latent_mean`` / ``latent_std``; the FSAE and the text / image encoders are loaded once, on first use, from
+networks the module names (``DiTModule.sampling_networks``): a base-DiT run's own inference DiT (the EMA twin,
+no copy of its weights) and its ``latent_mean`` / ``latent_std``; a refiner run's whole two-stage chain — its
+frozen base DiT at half the size, its frozen latent upsampler and the refiner's EMA weights. The FSAE and the text / image encoders are loaded once, on first use, from
 the local paths that made the DiT's data. Sample i uses seed ``seed + i``, so every evaluation of a run draws
 the same noise and videos differ only where the weights do.
 

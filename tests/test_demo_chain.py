@@ -1,8 +1,10 @@
 """The README's main command end to end, with even smaller settings: FSAE stage 1 -> latent cache -> DiT
-pretraining -> generate, each a real `fsvideo` command, in a scratch folder."""
+pretraining -> generate -> latent upsampler -> refiner -> two-stage generate and contact sheet, each a real
+`fsvideo` command, in a scratch folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +23,8 @@ def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
         **os.environ,
         "DEMO_AE_STEPS": "12",
         "DEMO_DIT_STEPS": "20",
+        "DEMO_UPSAMPLER_STEPS": "4",
+        "DEMO_REFINER_STEPS": "4",
         "FSVIDEO": str(bin_dir / "fsvideo"),
         "PY": sys.executable,
         "WANDB_MODE": "offline",
@@ -31,7 +35,7 @@ def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FSAE held-out PSNR" in done.stdout and "DiT training loss" in done.stdout
@@ -41,3 +45,12 @@ def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
     assert len(frames) == 17 and (frames[0].height, frames[0].width) == (128, 128)
     assert (tmp_path / "runs/demo/generated.json").is_file()
     assert (tmp_path / "runs/tiny-dit-pretrain-video/checkpoints/last.ckpt").is_file()
+    with av.open(str(tmp_path / "runs/demo/generated-2x.mp4")) as container:
+        frames = [frame for frame in container.decode(video=0)]
+    assert len(frames) == 17 and (frames[0].height, frames[0].width) == (256, 256)
+    stages = [
+        stage["name"]
+        for stage in json.loads((tmp_path / "runs/demo/generated-2x.json").read_text())["stages"]
+    ]
+    assert stages == ["encode", "dit", "upsample", "refine", "decode"]
+    assert (tmp_path / "runs/demo/contact-sheet.png").is_file() and "contact-sheet.png" in done.stdout
