@@ -86,7 +86,9 @@ def decode_chunked(
     return torch.cat([decoder(latent[:, :, a : a + chunk], cache) for a in range(0, latents, chunk)], dim=2)
 
 
-def decode_chunked_checkpointed(decoder: Decoder, latent: torch.Tensor, chunk_latent_frames: int) -> torch.Tensor:
+def decode_chunked_checkpointed(
+    decoder: Decoder, latent: torch.Tensor, chunk_latent_frames: int
+) -> torch.Tensor:
     """``decode_chunked`` for backpropagating to the latent (ReFL): each chunk's activations are recomputed in
     backward, so the decoder holds one chunk's activations at a time instead of the whole video's.
 
