@@ -194,3 +194,9 @@ def sample(
     sigmas = sigma_schedule(steps, shift)
     run = _sample_euler if sampler == "euler" else _sample_unipc
     return run(velocity_fn, noise, sigmas, callback)
+
+
+def euler_steps(velocity_fn: VelocityFn, z: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Euler steps of the flow ODE from ``sigmas[0]`` to ``sigmas[-1]`` (descending), e.g. the first k steps
+    of ``sigma_schedule`` (ReFL stops the sampler at a late step to take the next one with gradient)."""
+    return _sample_euler(velocity_fn, z, sigmas, None)

@@ -28,13 +28,22 @@ Public API:
                             copies what fits, re-initialises (and reports) the rest.
     CausalCache             causal state across temporal chunks (for custom chunked loops).
     encode_chunked, decode_chunked, encode_tiled, decode_tiled   the functions behind ``tiling``.
+    decode_chunked_checkpointed(decoder, latent, chunk_latent_frames)   exact chunked decoding with gradient to
+                            the latent, each chunk recomputed in backward (ReFL's decoder memory).
 """
 
 from fsvideo.ae.autoencoder import FSAE, VALUE_TOLERANCE
 from fsvideo.ae.config import DECODER_VARIANTS, NUM_FIRST_FRAME_FEATURES, FSAEConfig
 from fsvideo.ae.conv import CausalCache, CausalConv3d
 from fsvideo.ae.patch import Box, PatchDecodeOutput, tail_margins
-from fsvideo.ae.tiling import TilingConfig, decode_chunked, decode_tiled, encode_chunked, encode_tiled
+from fsvideo.ae.tiling import (
+    TilingConfig,
+    decode_chunked,
+    decode_chunked_checkpointed,
+    decode_tiled,
+    encode_chunked,
+    encode_tiled,
+)
 from fsvideo.ae.variants import VariantImportReport, load_decoder_variant
 
 __all__ = [
@@ -50,6 +59,7 @@ __all__ = [
     "TilingConfig",
     "VariantImportReport",
     "decode_chunked",
+    "decode_chunked_checkpointed",
     "decode_tiled",
     "encode_chunked",
     "encode_tiled",

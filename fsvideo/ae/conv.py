@@ -42,6 +42,14 @@ class CausalCache:
     def past(self, layer: nn.Module) -> torch.Tensor | None:
         return self._past.get(layer)
 
+    def copy(self) -> CausalCache:
+        """A cache in the same state whose updates leave this one untouched: what a chunk recomputed under
+        activation checkpointing starts from (``fsvideo.ae.tiling.decode_chunked_checkpointed``)."""
+        twin = CausalCache(self.starts_at_first_frame, self.carry)
+        twin._past = dict(self._past)
+        twin._seen = set(self._seen)
+        return twin
+
     def update(self, layer: nn.Module, past: torch.Tensor | None = None) -> None:
         """Record that ``layer`` has processed a chunk, keeping ``past`` for the next one."""
         if not self.carry:

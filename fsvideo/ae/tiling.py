@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from fsvideo.ae.conv import CausalCache
 from fsvideo.ae.decoder import Decoder
@@ -83,6 +84,39 @@ def decode_chunked(
     chunk = chunk_latent_frames or latents
     cache = CausalCache(starts_at_first_frame, carry=chunk < latents)
     return torch.cat([decoder(latent[:, :, a : a + chunk], cache) for a in range(0, latents, chunk)], dim=2)
+
+
+def decode_chunked_checkpointed(
+    decoder: Decoder, latent: torch.Tensor, chunk_latent_frames: int
+) -> torch.Tensor:
+    """``decode_chunked`` for backpropagating to the latent (ReFL): each chunk's activations are recomputed in
+    backward, so the decoder holds one chunk's activations at a time instead of the whole video's.
+
+    The decoder's own per-block checkpointing cannot run with a carrying cache (a recomputed block would read
+    the cache as later chunks left it), so the whole chunk is one checkpointed function that starts from a copy
+    of the cache as the previous chunk left it and returns the cache it leaves; a recomputation starts from the
+    same copy. Gradients flow between chunks through the carried frames. Exact, like ``decode_chunked``.
+
+    Args:
+        latent: ``B×C×t×h×w`` (first frame at index 0).
+        chunk_latent_frames: latent frames per chunk; 0 decodes in one checkpointed pass.
+
+    Returns:
+        ``B×3×(1 + f·(t−1))×H×W``.
+    """
+    latents = latent.shape[2]
+    chunk = chunk_latent_frames or latents
+    cache = CausalCache(carry=chunk < latents)
+
+    def run_chunk(part: torch.Tensor, before: CausalCache) -> tuple[torch.Tensor, CausalCache]:
+        after = before.copy()
+        return decoder(part, after), after
+
+    out = []
+    for a in range(0, latents, chunk):
+        frames, cache = checkpoint(run_chunk, latent[:, :, a : a + chunk], cache, use_reentrant=False)
+        out.append(frames)
+    return torch.cat(out, dim=2)
 
 
 def _axis_tiles(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
