@@ -4,12 +4,12 @@ Public API:
     DiTConfig                       fsvideo.dit.config       presets tiny() / paper() / wan_i2v_14b()
     DiT                             fsvideo.dit.model        forward(latent_in, sigma, text_tokens, image_tokens, ...)
     build_i2v_condition, fold_frame_mask   fsvideo.dit.condition
-    LayerMemoryRouter, router_heatmap, residual_weight   fsvideo.dit.layer_memory
+    LayerMemoryRouter, router_heatmap   fsvideo.dit.layer_memory
 """
 
 from fsvideo.dit.condition import build_i2v_condition, fold_frame_mask
 from fsvideo.dit.config import DiTConfig
-from fsvideo.dit.layer_memory import LayerMemoryRouter, residual_weight, router_heatmap
+from fsvideo.dit.layer_memory import LayerMemoryRouter, router_heatmap
 from fsvideo.dit.model import DiT
 
 __all__ = [
@@ -18,6 +18,5 @@ __all__ = [
     "LayerMemoryRouter",
     "build_i2v_condition",
     "fold_frame_mask",
-    "residual_weight",
     "router_heatmap",
 ]

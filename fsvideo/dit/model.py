@@ -68,7 +68,7 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Wan's initialisation; the output projection starts at zero, routers at the plain DiT."""
+        """Wan's initialisation; the output projection starts at zero, router gates at 0 (the plain DiT)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
