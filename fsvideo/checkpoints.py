@@ -55,11 +55,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def pick_module_weights(
-    module: nn.Module, path: str | Path, prefix: str
+    module: nn.Module, path: str | Path, prefix: str, may_add: Callable[[str], bool] | None = None
 ) -> tuple[dict[str, torch.Tensor], str]:
     """The ``{prefix}_ema.*`` weights of a checkpoint, else its ``{prefix}.*`` ones, renamed to ``module``'s
     names, and which of the two prefixes was used. Shapes must match exactly (a sharded module compares
     its global shapes): a mismatch names the tensors and the config field to fix.
+
+    ``may_add(name)`` marks the module's tensors that the checkpoint may lack (parts the module adds to the
+    checkpoint's architecture, such as Layer Memory routers on a plain DiT); they keep the module's values.
     """
     state = read_state_dict(path)
     for source in (f"{prefix}_ema.", f"{prefix}."):
@@ -73,7 +76,7 @@ def pick_module_weights(
         )
     own = module.state_dict()
     mismatched = [k for k, v in picked.items() if k in own and own[k].shape != v.shape]
-    missing = sorted(set(own) - set(picked))
+    missing = sorted(name for name in set(own) - set(picked) if may_add is None or not may_add(name))
     unexpected = sorted(set(picked) - set(own))
     if mismatched or missing or unexpected:
         raise ValueError(
@@ -84,10 +87,12 @@ def pick_module_weights(
     return picked, source.rstrip(".")
 
 
-def load_module_weights(module: nn.Module, path: str | Path, prefix: str) -> str:
+def load_module_weights(
+    module: nn.Module, path: str | Path, prefix: str, may_add: Callable[[str], bool] | None = None
+) -> str:
     """Load ``module`` from a checkpoint as ``pick_module_weights`` chooses; returns the prefix used."""
-    picked, source = pick_module_weights(module, path, prefix)
-    module.load_state_dict(picked)
+    picked, source = pick_module_weights(module, path, prefix, may_add)
+    module.load_state_dict(picked, strict=may_add is None)
     return source
 
 

@@ -80,6 +80,11 @@ def latent_space_of_checkpoint(path: str | Path) -> LatentSpace | None:
     return None if record is None else LatentSpace.from_record(record, f"checkpoint {path}")
 
 
+def _is_router(name: str) -> bool:
+    """Layer Memory router tensors, which a checkpoint of a plain DiT lacks."""
+    return ".router." in name
+
+
 @dataclass
 class FlowMatchingConfig:
     """Noise levels and loss of the flow-matching objective."""
@@ -135,7 +140,9 @@ class DiTModule(TrainingStage):
             latents with. None keeps the normalisation of the ``init_from`` checkpoint (so a chain of stages
             shares the first stage's), or else takes the DataModule's (its cache's). Stored in checkpoints
             (``latent_mean``, ``latent_std``) for inference.
-        init_from: checkpoint of the previous stage (EMA weights preferred when present).
+        init_from: checkpoint of the previous stage (EMA weights preferred when present). A checkpoint of a DiT
+            without Layer Memory may start one with it: the routers it lacks keep their init (gate 0), so the
+            model starts as the checkpoint's (the Figure 7(b) retrofit).
         val_sigmas: noise levels at which validation measures the loss.
         val_seed: seed of the validation noise (the generator of batch i is seeded with ``val_seed + i``).
         fsdp: shard the DiT and its EMA twin with FSDP2 (``fully_shard`` per block, then the whole network)
@@ -187,7 +194,7 @@ class DiTModule(TrainingStage):
         self.register_buffer("empty_text_mask", None, persistent=False)
         if init_from is not None:
             if not fsdp:  # sharded networks load in configure_model, once they exist
-                load_module_weights(self.dit, init_from, prefix="dit")
+                load_module_weights(self.dit, init_from, prefix="dit", may_add=_is_router)
             inherited = latent_stats_of_checkpoint(init_from)
             if inherited is not None:
                 self.set_latent_stats(inherited)
@@ -223,11 +230,12 @@ class DiTModule(TrainingStage):
                 fully_shard(block, mesh=mesh)
             fully_shard(network, mesh=mesh)
             network.to_empty(device=device)
+        self.dit.init_weights()  # what init_from lacks (a retrofit's routers) keeps this
         if self.init_from is not None:
-            weights, _ = pick_module_weights(self.dit, self.init_from, prefix="dit")
-            set_model_state_dict(self.dit, weights, options=StateDictOptions(full_state_dict=True))
-        else:
-            self.dit.init_weights()
+            weights, _ = pick_module_weights(self.dit, self.init_from, prefix="dit", may_add=_is_router)
+            set_model_state_dict(
+                self.dit, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+            )
         if self.dit_ema is not None:
             with torch.no_grad():
                 for ema, own in zip(self.dit_ema.parameters(), self.dit.parameters()):
