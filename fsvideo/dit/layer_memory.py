@@ -85,7 +85,10 @@ class LayerMemoryRouter(nn.Module):
         if num_sources < 2:
             raise ValueError(f"a router needs at least 2 sources to choose from, got {num_sources}")
         self.init_margin = init_margin
-        self.proj = nn.Linear(dim, num_sources)
+        # init_weights sets the router without random numbers; leaving the global RNG as it was here too
+        # gives a DiT with and without Layer Memory, built from one seed, the same other weights.
+        with torch.random.fork_rng(devices=[]):
+            self.proj = nn.Linear(dim, num_sources)
         self.gate = nn.Parameter(torch.zeros(()))
 
     @property

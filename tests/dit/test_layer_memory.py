@@ -26,6 +26,21 @@ def test_starts_as_the_plain_dit(inputs, randomize, margin):
         torch.testing.assert_close(memory(*inputs), plain(*inputs), rtol=1e-6, atol=1e-6)
 
 
+def test_same_seed_same_weights_with_and_without_layer_memory(inputs):
+    """On / off runs of one seed start from the same function and draw the same training noise after."""
+    states = {}
+    for layer_memory in (False, True):
+        torch.manual_seed(3)
+        states[layer_memory] = DiT(DiTConfig.tiny(layer_memory=layer_memory)), torch.get_rng_state()
+    (plain, rng_plain), (memory, rng_memory) = states[False], states[True]
+    assert torch.equal(rng_plain, rng_memory)
+    routed = memory.state_dict()
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(routed[name], tensor), name
+    with torch.no_grad():
+        torch.testing.assert_close(memory(*inputs), plain(*inputs), rtol=0, atol=0)
+
+
 def test_router_weights_are_a_distribution(inputs, randomize):
     model = randomize(DiT(DiTConfig.tiny()))
     with torch.no_grad():
