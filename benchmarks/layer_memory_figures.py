@@ -1,6 +1,7 @@
 """Figures 6 and 7 of §2.3.1 at small scale: does Layer Memory help a tiny DiT?
 
-(a) From scratch: ``configs/tiny/dit-layer-memory-on.yaml`` and ``-off.yaml`` (12 blocks), once per seed.
+(a) From scratch: ``configs/tiny/dit-layer-memory-on.yaml`` and ``-off.yaml`` (12 blocks), and the -on
+    config with ``router_gate_init: 1`` (the paper's eq. 7 from the first step), once per seed.
 (b) Retrofit: the plain DiT of (a)'s first seed is the pretrained model; it is fine-tuned for
     ``--finetune-steps`` with Layer Memory added (its routers start at their init, gate 0, so the fine-tune
     starts from exactly the pretrained model, as a Wan2.1 import does) and without, once per seed.
@@ -39,13 +40,13 @@ sys.path.insert(0, str(REPO))
 from callbacks.loss_history import plot_loss_curves, read_loss_history  # noqa: E402
 from callbacks.metrics_table import has_metric_history, read_metric_history  # noqa: E402
 
-CONFIGS = {
-    "on": REPO / "configs/tiny/dit-layer-memory-on.yaml",
-    "off": REPO / "configs/tiny/dit-layer-memory-off.yaml",
-}
-LABELS = {
-    "a": {"on": "with Layer Memory", "off": "without"},
-    "b": {"on": "+ Layer Memory (retrofit)", "off": "plain"},
+ON, OFF = REPO / "configs/tiny/dit-layer-memory-on.yaml", REPO / "configs/tiny/dit-layer-memory-off.yaml"
+VARIANTS = {
+    # variant: (config, extra arguments, label in (a), label in (b) or None when (b) leaves it out)
+    "on": (ON, (), "Layer Memory, gate from 0", "+ Layer Memory (retrofit)"),
+    "off": (OFF, (), "without", "plain"),
+    # the paper's eq. 7 from step 1 (gate from 1); it cannot retrofit: it changes the model at init
+    "eq7": (ON, ("--model.init_args.dit.router_gate_init=1",), "Layer Memory, gate from 1 (eq. 7)", None),
 }
 
 
@@ -87,7 +88,7 @@ def fit(args: argparse.Namespace, run_dir: Path, variant: str, seed: int, steps:
         str(REPO / "cli.py"),
         "fit",
         "--config",
-        str(CONFIGS[variant]),
+        str(VARIANTS[variant][0]),
         f"--seed_everything={seed}",
         f"--trainer.default_root_dir={run_dir}",
         f"--trainer.max_steps={steps}",
@@ -97,6 +98,7 @@ def fit(args: argparse.Namespace, run_dir: Path, variant: str, seed: int, steps:
         f"--data.init_args.val_cache={args.cache / 'val'}",
         "--data.init_args.num_workers=0",
         f"--data.init_args.batches_per_epoch={args.val_every}",
+        *VARIANTS[variant][1],
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -117,6 +119,10 @@ def gates(run_dir: Path) -> list[float]:
     return [state[k].item() for k in names]
 
 
+def label(figure: str, variant: str) -> str:
+    return VARIANTS[variant][2 if figure == "a" else 3]
+
+
 def summary(figure: str, runs: dict[str, list[Path]], tail: int) -> list[str]:
     """Markdown rows: per run and per variant, the final training loss and the last held-out loss."""
     rows, means = [], []
@@ -132,10 +138,10 @@ def summary(figure: str, runs: dict[str, list[Path]], tail: int) -> list[str]:
             g = gates(run_dir)
             gate_cell = f"{min(g):.3f} … {max(g):.3f} (mean {np.mean(g):.3f})" if g else "—"
             rows.append(
-                f"| 7({figure}) | {LABELS[figure][variant]} | {run_dir.name} | {train[-1]:.3f} | {val[-1]:.3f} | {gate_cell} |"
+                f"| 7({figure}) | {label(figure, variant)} | {run_dir.name} | {train[-1]:.3f} | {val[-1]:.3f} | {gate_cell} |"
             )
         means.append(
-            f"| 7({figure}) | {LABELS[figure][variant]} | mean ± std of {len(run_dirs)} | "
+            f"| 7({figure}) | {label(figure, variant)} | mean ± std of {len(run_dirs)} | "
             f"{np.mean(train):.3f} ± {np.std(train):.3f} | {np.nanmean(val):.3f} ± {np.nanstd(val):.3f} | |"
         )
     return rows + means
@@ -146,21 +152,21 @@ def main() -> None:
     torch.set_num_threads(1)
     root, seeds = args.root.resolve(), args.seeds
     args.cache = args.cache.resolve()
-    scratch = {v: [root / f"7a/{v}-s{s}" for s in seeds] for v in CONFIGS}
-    finetune = {v: [root / f"7b/{v}-s{s}" for s in seeds] for v in CONFIGS}
+    scratch = {v: [root / f"7a/{v}-s{s}" for s in seeds] for v in VARIANTS}
+    finetune = {v: [root / f"7b/{v}-s{s}" for s in seeds] for v in VARIANTS if VARIANTS[v][3] is not None}
     with ThreadPoolExecutor(args.jobs) as pool:
         # the plain run of the first seed is also (b)'s pretrained model
         pretraining = pool.submit(fit, args, scratch["off"][0], "off", seeds[0], args.scratch_steps)
         jobs = [
             pool.submit(fit, args, run, v, s, args.scratch_steps)
-            for v in CONFIGS
+            for v in scratch
             for s, run in zip(seeds, scratch[v])
             if run != scratch["off"][0]
         ]
         init_from = f"--model.init_args.init_from={pretraining.result() / 'checkpoints/last.ckpt'}"
         jobs += [
             pool.submit(fit, args, run, v, s, args.finetune_steps, init_from)
-            for v in CONFIGS
+            for v in finetune
             for s, run in zip(seeds, finetune[v])
         ]
         for job in jobs:
@@ -169,7 +175,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for figure, runs in (("a", scratch), ("b", finetune)):
         run_dirs = [run for variant in runs for run in runs[variant]]
-        labels = [LABELS[figure][variant] for variant in runs for _ in runs[variant]]
+        labels = [label(figure, variant) for variant in runs for _ in runs[variant]]
         out = plot_loss_curves(
             run_dirs, args.out / f"fig7{figure}.png", labels=labels, smoothing=args.smoothing
         )

@@ -49,9 +49,13 @@ class DiTConfig:
     all earlier hidden states."""
     router_init_margin: float = 0.0
     """Initial router logit of the latest hidden state over the others (0: the softmax starts uniform).
-    It does not change the model at init (each router's gate starts at 0, so every model starts as the
-    plain DiT, ``fsvideo.dit.layer_memory``), only where the softmax starts once the gate opens; a large
+    With ``router_gate_init`` 0 it does not change the model at init (every model starts as the plain DiT,
+    ``fsvideo.dit.layer_memory``), only where the softmax starts once the gate opens; a large
     margin saturates the softmax, whose gradients then shrink by about e^(−margin)."""
+    router_gate_init: float = 0.0
+    """Initial gate g of every router, which mixes X̂ = X_{l−1} + g·(routed mixture − X_{l−1}): 0 starts each
+    block as the plain block (needed to add Layer Memory to a pretrained DiT, the default), 1 starts from the
+    paper's eq. 7 mixture alone. Either way g is learned."""
     gradient_checkpointing: bool = False
     """Recompute each block in the backward pass instead of keeping its activations."""
 

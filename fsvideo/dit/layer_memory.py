@@ -7,7 +7,8 @@ self-attention keys and values from
 
     X̂_{l−1} = X_{l−1} + g_l·(Σ_i w_i·X_i − X_{l−1})          (eq. 7 exactly at g_l = 1)
 
-with g_l one learned scalar per block (the router's ``gate``), initialised at 0; the query still comes
+with g_l one learned scalar per block (the router's ``gate``), initialised at 0 (``init_gate``; 1 starts
+from eq. 7 alone, for a from-scratch run that wants the paper's form from step 1); the query still comes
 from X_{l−1}. Equivalently the block mixes with the effective weights w' = (1 − g_l)·e_{l−1} + g_l·w,
 which sum to one (a distribution, i.e. a convex combination of the X_i, while 0 ≤ g_l ≤ 1); these are
 the weights the router returns and Figure 6's heatmap shows.
@@ -42,7 +43,8 @@ one product ``grad·w_i`` and one per-token dot product ``⟨grad, X_i⟩``. ``b
 measures the whole cost.
 
 Public API:
-    LayerMemoryRouter(dim, num_sources, init_margin)   holds ``proj = Linear(dim, num_sources)`` and ``gate``
+    LayerMemoryRouter(dim, num_sources, init_margin=0, init_gate=0)   holds ``proj = Linear(dim, num_sources)``
+        and ``gate``
         forward(x_modulated, history) -> (mixture ``B×N×dim``, effective weights ``B×N×l`` float32)
         init_weights()
     router_heatmap(router_maxima) -> ``(L−1)×L`` tensor for Figure 6
@@ -80,11 +82,12 @@ class _WeightedSum(torch.autograd.Function):
 
 
 class LayerMemoryRouter(nn.Module):
-    def __init__(self, dim: int, num_sources: int, init_margin: float = 0.0) -> None:
+    def __init__(self, dim: int, num_sources: int, init_margin: float = 0.0, init_gate: float = 0.0) -> None:
         super().__init__()
         if num_sources < 2:
             raise ValueError(f"a router needs at least 2 sources to choose from, got {num_sources}")
         self.init_margin = init_margin
+        self.init_gate = init_gate
         # init_weights sets the router without random numbers; leaving the global RNG as it was here too
         # gives a DiT with and without Layer Memory, built from one seed, the same other weights.
         with torch.random.fork_rng(devices=[]):
@@ -100,7 +103,7 @@ class LayerMemoryRouter(nn.Module):
             self.proj.weight.zero_()
             self.proj.bias.zero_()
             self.proj.bias[-1] = self.init_margin
-            self.gate.zero_()
+            self.gate.fill_(self.init_gate)
 
     def forward(
         self, x_modulated: torch.Tensor, history: list[torch.Tensor]

@@ -92,6 +92,15 @@ def test_init_heatmap_is_diagonal(inputs):
         assert heatmap[row, : row + 1].max() == 0
 
 
+def test_gate_init_one_starts_from_the_paper_mixture():
+    model = DiT(DiTConfig.tiny(router_gate_init=1.0, router_init_margin=0.0))
+    history = [torch.randn(2, 7, 64) for _ in range(4)]
+    mixture, weights = model.routers[-1](torch.randn(2, 7, 64), history)
+    # eq. 7 alone; with the logits at margin 0 the softmax starts uniform
+    torch.testing.assert_close(weights, torch.full((2, 7, 4), 0.25))
+    torch.testing.assert_close(mixture, torch.stack(history).mean(0))
+
+
 def test_gate_learns_at_init_and_then_the_router(inputs, randomize):
     _, model = _pair(randomize)
     model(*inputs).square().mean().backward()
