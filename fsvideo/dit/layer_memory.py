@@ -92,7 +92,7 @@ class LayerMemoryRouter(nn.Module):
         # gives a DiT with and without Layer Memory, built from one seed, the same other weights.
         with torch.random.fork_rng(devices=[]):
             self.proj = nn.Linear(dim, num_sources)
-        self.gate = nn.Parameter(torch.zeros(()))
+        self.gate = nn.Parameter(torch.zeros(1))  # 1-D: FSDP2 cannot shard a 0-D parameter
 
     @property
     def num_sources(self) -> int:
