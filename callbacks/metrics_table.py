@@ -1,5 +1,11 @@
 """Prints the validation metrics of a run as one markdown table row (e.g. the spec's Table 2) and
-appends it, with the step and checkpoint, to ``<run dir>/<filename>``."""
+appends it, with the step and checkpoint, to ``<run dir>/<filename>``.
+
+Public API:
+    MetricsTable(keys=None, label=None, filename="metrics_table.md")   the callback
+    has_metric_history(run_dir, key) -> bool
+    read_metric_history(run_dir, key) -> (steps, values)   numpy arrays, from the ``.jsonl`` twin
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,10 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+
+JSONL_FILE = "metrics_table.jsonl"
+"""The machine-readable twin of the default table."""
 
 
 class MetricsTable(L.Callback):
@@ -49,3 +59,28 @@ class MetricsTable(L.Callback):
             table.write(row + "\n")
         with path.with_suffix(".jsonl").open("a") as jsonl:
             jsonl.write(json.dumps({"label": label, "step": trainer.global_step, **values}) + "\n")
+
+
+def _metric_rows(run_dir: str | Path, key: str) -> list[dict]:
+    path = Path(run_dir) / JSONL_FILE
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if key in row]
+
+
+def has_metric_history(run_dir: str | Path, key: str) -> bool:
+    """Whether the run's ``metrics_table.jsonl`` holds ``key`` at some step."""
+    return bool(_metric_rows(run_dir, key))
+
+
+def read_metric_history(run_dir: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` of ``key`` at each validation of a run (``metrics_table.jsonl``); a step validated
+    twice (a resumed run) keeps its last row."""
+    rows = {row["step"]: row[key] for row in _metric_rows(run_dir, key)}
+    if not rows:
+        raise FileNotFoundError(
+            f"{Path(run_dir) / JSONL_FILE} holds no '{key}'; add callbacks.metrics_table.MetricsTable with that key."
+        )
+    steps = np.array(sorted(rows))
+    return steps, np.array([rows[step] for step in steps], dtype=float)

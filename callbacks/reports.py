@@ -42,12 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     id_parser.add_argument("--device", default="cpu")
     id_parser.add_argument("--out", type=Path, default=None, help="folder for id_report.json / id_report.md")
     curves = commands.add_parser(
-        "loss-curves", help="training-loss curves of several runs in one figure (Fig. 7a)"
+        "loss-curves",
+        help="training-loss curves of several runs in one figure, seeds of a variant as mean ± spread (Fig. 7)",
     )
     curves.add_argument("runs", nargs="+", help="run directories (each has loss_history.csv)")
     curves.add_argument("--out", type=Path, required=True, help="PNG to write")
-    curves.add_argument("--labels", nargs="+", default=None, help="one label per run (default: folder names)")
+    curves.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        help="one label per run (default: folder names); runs with the same label are drawn as one variant: "
+        "mean and min–max band",
+    )
     curves.add_argument("--smoothing", type=float, default=0.9, help="EMA smoothing of the plotted curves")
+    curves.add_argument(
+        "--val-key",
+        default="val/loss",
+        help="validation metric of the second panel, from each run's metrics_table.jsonl (drawn when all have it)",
+    )
     sheet = commands.add_parser(
         "contact-sheet", help="one PNG of an image and videos, a row of evenly spaced frames each"
     )
@@ -90,7 +102,10 @@ def report_main(argv: list[str]) -> None:
     if args.command == "loss-curves":
         from callbacks.loss_history import plot_loss_curves
 
-        print(f"wrote {plot_loss_curves(args.runs, args.out, labels=args.labels, smoothing=args.smoothing)}")
+        out = plot_loss_curves(
+            args.runs, args.out, labels=args.labels, smoothing=args.smoothing, val_key=args.val_key
+        )
+        print(f"wrote {out}")
         return
     from datamodules.buckets import BucketConfig
     from datamodules.video import VideoDataModule

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -391,15 +391,23 @@ def _write_atomic(path: Path, write) -> None:
 # ---- building -----------------------------------------------------------------------------------------------
 
 
-def load_weights(network: nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:
+def load_weights(
+    network: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    source: str,
+    may_add: Callable[[str], bool] | None = None,
+) -> None:
     """Copy ``weights`` into ``network``'s parameters and buffers, names and shapes checked.
+
+    ``may_add(name)`` marks the network's tensors that ``weights`` may lack (parts the network adds to the saved
+    architecture, such as Layer Memory routers on a plain DiT); they keep the network's values.
 
     A parameter that is an FSDP2 ``DTensor`` sharded on dim 0 takes only its own rows, read with
     ``weights.rows(name, start, stop)`` when the weights offer it (safetensors), so each rank reads its part.
     """
     own = network.state_dict()
     mismatched = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
-    missing = sorted(set(own) - set(weights))
+    missing = sorted(k for k in set(own) - set(weights) if may_add is None or not may_add(k))
     unexpected = sorted(set(weights) - set(own))
     if mismatched or missing or unexpected:
         raise ValueError(
@@ -409,6 +417,8 @@ def load_weights(network: nn.Module, weights: Mapping[str, torch.Tensor], source
         )
     with torch.no_grad():
         for key, target in own.items():
+            if key not in weights:
+                continue
             if isinstance(target, DTensor):
                 local = target.to_local()
                 placement = target.placements[0] if len(target.placements) == 1 else None

@@ -56,6 +56,11 @@ from lightning_modules.base import OptimizerConfig, SavedNetwork, TrainingStage
 from lightning_modules.ema import make_ema_twin
 
 
+def _is_router(name: str) -> bool:
+    """Layer Memory router tensors, which a plain DiT lacks: a plain DiT may start one with Layer Memory."""
+    return ".router." in name
+
+
 @dataclass
 class FlowMatchingConfig:
     """Noise levels and loss of the flow-matching objective."""
@@ -113,7 +118,9 @@ class DiTModule(TrainingStage):
             (``latent_mean``, ``latent_std``) for inference.
         init_from: the DiT to start from: a saved-model folder (``fsvideo export``, ``DiT.save_pretrained``,
             converted Wan2.1 weights), or a run directory / checkpoint of the previous stage (EMA weights
-            preferred when kept). Its latent statistics and latent space come with it.
+            preferred when kept). Its latent statistics and latent space come with it. A plain DiT (without Layer Memory) may start one with it: the
+            routers it lacks keep their init (gate 0), so the model starts as the plain one (the Figure 7(b)
+            retrofit).
         val_sigmas: noise levels at which validation measures the loss.
         val_seed: seed of the validation noise (the generator of batch i is seeded with ``val_seed + i``).
         parallel: activation checkpointing, compile and FSDP2 of the DiT and its EMA twin
@@ -173,7 +180,9 @@ class DiTModule(TrainingStage):
         if init_from is not None:
             self.init_snapshot = read_snapshot(init_from, expected=DiT)
             if not self.parallel.fsdp:
-                load_weights(self.dit, self.init_snapshot.weights, self.init_snapshot.source)
+                load_weights(
+                    self.dit, self.init_snapshot.weights, self.init_snapshot.source, may_add=_is_router
+                )
             records = self.init_snapshot.records
             if records.get(LATENT_STATS) is not None:
                 self.set_latent_stats(LatentStats.from_record(records[LATENT_STATS]))
@@ -197,10 +206,9 @@ class DiTModule(TrainingStage):
         device = self.trainer.strategy.root_device
         for network in networks:
             network.to_empty(device=device)
+        self.dit.init_weights()  # what init_from lacks (a retrofit's routers) keeps this
         if self.init_snapshot is not None:  # each rank reads its own rows of every tensor
-            load_weights(self.dit, self.init_snapshot.weights, self.init_snapshot.source)
-        else:
-            self.dit.init_weights()
+            load_weights(self.dit, self.init_snapshot.weights, self.init_snapshot.source, may_add=_is_router)
         if self.dit_ema is not None:
             with torch.no_grad():
                 for ema, own in zip(self.dit_ema.parameters(), self.dit.parameters()):

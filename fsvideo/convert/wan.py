@@ -7,8 +7,9 @@ Both naming schemes are accepted: the original repository's (``blocks.N.self_att
 Note the original calls the cross-attention norm ``norm3`` and the FFN norm ``norm2``; diffusers
 swaps them. Wan keeps keys and values in two Linears; ours stacks them in one (``to_kv``, ``to_kv_img``:
 the key rows first), so those weights are concatenated copies, every other tensor is passed through
-as it is. Layer Memory routers do not exist in Wan: they are reported as new and keep the
-plain-DiT initialisation, so the converted model reproduces Wan up to ``residual_weight``.
+as it is. Layer Memory routers do not exist in Wan: they are reported as new and keep their
+initialisation, whose gate g = 0 makes each block the plain Wan block, so the converted model computes
+Wan's output (Figure 7(b) fine-tunes from there; ``fsvideo.dit.layer_memory`` explains the gate).
 
 Timesteps: Wan takes ``t = σ·1000``; our DiT takes σ and scales by ``timestep_scale`` (1000).
 
@@ -207,7 +208,7 @@ def load_wan_i2v(
             (16 latent channels, patch 1×2×2, the checkpoint's widths and depth).
 
     Returns:
-        The DiT (Layer Memory routers at the plain-DiT init when ``config.layer_memory``) and the report.
+        The DiT (Layer Memory routers at their init, gate 0, when ``config.layer_memory``) and the report.
     """
     config = DiTConfig.wan_i2v_14b() if config is None else config
     converted, report = convert_wan_state_dict(state_dict)

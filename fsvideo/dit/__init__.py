@@ -4,7 +4,7 @@ Public API:
     DiTConfig                       fsvideo.dit.config       presets tiny() / paper() / wan_i2v_14b()
     DiT                             fsvideo.dit.model        forward(latent_in, sigma, text_tokens, image_tokens, ...)
     FrameCondition, image_to_video, text_to_image, build_i2v_condition, fold_frame_mask   fsvideo.dit.condition
-    LayerMemoryRouter, router_heatmap, residual_weight   fsvideo.dit.layer_memory
+    LayerMemoryRouter, router_heatmap   fsvideo.dit.layer_memory
 """
 
 from fsvideo.dit.condition import (
@@ -15,7 +15,7 @@ from fsvideo.dit.condition import (
     text_to_image,
 )
 from fsvideo.dit.config import DiTConfig
-from fsvideo.dit.layer_memory import LayerMemoryRouter, residual_weight, router_heatmap
+from fsvideo.dit.layer_memory import LayerMemoryRouter, router_heatmap
 from fsvideo.dit.model import DiT
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "build_i2v_condition",
     "fold_frame_mask",
     "image_to_video",
-    "residual_weight",
     "router_heatmap",
     "text_to_image",
 ]

@@ -65,7 +65,7 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
         # Block l sees X_0 … X_{l−1}: a choice exists only from l = 2 on.
         self.router = (
-            LayerMemoryRouter(dim, layer_index, config.router_init_margin)
+            LayerMemoryRouter(dim, layer_index, config.router_init_margin, config.router_gate_init)
             if config.layer_memory and layer_index >= 2
             else None
         )

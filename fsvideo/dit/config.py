@@ -47,10 +47,15 @@ class DiTConfig:
     layer_memory: bool = True
     """Layer Memory self-attention (§2.3.1): blocks l ≥ 2 take keys/values from a routed mixture of
     all earlier hidden states."""
-    router_init_margin: float = 10.0
-    """Initial router bias of the latest hidden state over the others. The remaining weight on older
-    states is (l−1)·e^(−margin) / (1 + (l−1)·e^(−margin)) ≈ 4.5e-5·(l−1) for 10: small enough that the
-    model starts as the plain DiT, large enough that the router still gets gradients."""
+    router_init_margin: float = 0.0
+    """Initial router logit of the latest hidden state over the others (0: the softmax starts uniform).
+    With ``router_gate_init`` 0 it does not change the model at init (every model starts as the plain DiT,
+    ``fsvideo.dit.layer_memory``), only where the softmax starts once the gate opens; a large
+    margin saturates the softmax, whose gradients then shrink by about e^(−margin)."""
+    router_gate_init: float = 0.0
+    """Initial gate g of every router, which mixes X̂ = X_{l−1} + g·(routed mixture − X_{l−1}): 0 starts each
+    block as the plain block (needed to add Layer Memory to a pretrained DiT, the default), 1 starts from the
+    paper's eq. 7 mixture alone. Either way g is learned."""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)

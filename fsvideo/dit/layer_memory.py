@@ -2,12 +2,31 @@
 
 Block l (1-indexed, l ≥ 2) sees the hidden states X_0 … X_{l−1} (X_0 = patch embeddings). Its
 router is a ``Linear(dim → l)`` applied to the time-modulated input X_{l−1,t}; a per-token softmax
-over the l sources gives the weights of the mixture X̂_{l−1} = Σ_i w_i·X_i, from which the block takes
-its self-attention keys and values (the query still comes from X_{l−1}).
+over the l sources gives the weights w of eq. 7's mixture Σ_i w_i·X_i. The block takes its
+self-attention keys and values from
 
-Initialisation: weight 0 and bias ``margin`` on X_{l−1} (0 elsewhere), so at init the weight left on
-older states is (l−1)·e^(−margin) / (1 + (l−1)·e^(−margin)) — see ``residual_weight``; the mixture
-then differs from X_{l−1} by at most that fraction of max_i ‖X_i − X_{l−1}‖.
+    X̂_{l−1} = X_{l−1} + g_l·(Σ_i w_i·X_i − X_{l−1})          (eq. 7 exactly at g_l = 1)
+
+with g_l one learned scalar per block (the router's ``gate``), initialised at 0 (``init_gate``; 1 starts
+from eq. 7 alone, for a from-scratch run that wants the paper's form from step 1); the query still comes
+from X_{l−1}. Equivalently the block mixes with the effective weights w' = (1 − g_l)·e_{l−1} + g_l·w,
+which sum to one (a distribution, i.e. a convex combination of the X_i, while 0 ≤ g_l ≤ 1); these are
+the weights the router returns and Figure 6's heatmap shows.
+
+Why a gate: a retrofit onto pretrained weights (Wan2.1, Figure 7(b)) must start as the source model,
+and a softmax is one-hot only at infinite logits. A large init margin m approximates it, but the
+softmax is then saturated: its gradients are scaled by about e^(−m), and AdamW moves a logit by at
+most about lr per step, so m = 10 at lr 1e-3 needs thousands of steps before the router moves at all
+(the tiny 300-step runs of issue #13 ended on their initial heatmap). A soft start (m ≈ 0–3) learns,
+but changes the model at init. The gate does both: at g = 0 the effective weights are exactly one-hot
+(also in floating point: ``lerp`` adds 0·(w − e_{l−1})), so every model starts as the plain DiT, while
+∂L/∂g = ⟨∂L/∂X̂, Σ w_i·X_i − X_{l−1}⟩ ≠ 0, so g moves on the first optimizer step and the unsaturated
+router (logits at ``init_margin`` on X_{l−1}, default 0: uniform) learns from the second, its gradient
+being g times an unsaturated softmax Jacobian (AdamW normalises the scale away). g is deliberately
+not squashed or clamped: a map that is smooth at 0 and never negative has its minimum, hence a zero
+gradient, at 0 (tanh², sigmoid-like gates cannot start exactly at 0 and learn at once), and a clamp
+would freeze the gate the first time a step took it below 0. One scalar per block, not per channel,
+keeps the mixture eq. 7's: one weight per source and token.
 
 Memory: the mixture is accumulated source by source (in-place ``addcmul_``) from the list of hidden
 states the DiT keeps, never by stacking a copy of the history. In training those hidden states are
@@ -24,25 +43,17 @@ one product ``grad·w_i`` and one per-token dot product ``⟨grad, X_i⟩``. ``b
 measures the whole cost.
 
 Public API:
-    LayerMemoryRouter(dim, num_sources, init_margin)   holds ``proj = Linear(dim, num_sources)``
-        forward(x_modulated, history) -> (mixture ``B×N×dim``, weights ``B×N×l`` float32)
+    LayerMemoryRouter(dim, num_sources, init_margin=0, init_gate=0)   holds ``proj = Linear(dim, num_sources)``
+        and ``gate``
+        forward(x_modulated, history) -> (mixture ``B×N×dim``, effective weights ``B×N×l`` float32)
         init_weights()
-    residual_weight(num_sources, margin) -> float
     router_heatmap(router_maxima) -> ``(L−1)×L`` tensor for Figure 6
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
-
-
-def residual_weight(num_sources: int, margin: float) -> float:
-    """Total softmax weight left on the older sources by the initial router."""
-    others = (num_sources - 1) * math.exp(-margin)
-    return others / (1.0 + others)
 
 
 class _WeightedSum(torch.autograd.Function):
@@ -71,12 +82,17 @@ class _WeightedSum(torch.autograd.Function):
 
 
 class LayerMemoryRouter(nn.Module):
-    def __init__(self, dim: int, num_sources: int, init_margin: float = 10.0) -> None:
+    def __init__(self, dim: int, num_sources: int, init_margin: float = 0.0, init_gate: float = 0.0) -> None:
         super().__init__()
         if num_sources < 2:
             raise ValueError(f"a router needs at least 2 sources to choose from, got {num_sources}")
         self.init_margin = init_margin
-        self.proj = nn.Linear(dim, num_sources)
+        self.init_gate = init_gate
+        # init_weights sets the router without random numbers; leaving the global RNG as it was here too
+        # gives a DiT with and without Layer Memory, built from one seed, the same other weights.
+        with torch.random.fork_rng(devices=[]):
+            self.proj = nn.Linear(dim, num_sources)
+        self.gate = nn.Parameter(torch.zeros(1))  # 1-D: FSDP2 cannot shard a 0-D parameter
 
     @property
     def num_sources(self) -> int:
@@ -87,17 +103,22 @@ class LayerMemoryRouter(nn.Module):
             self.proj.weight.zero_()
             self.proj.bias.zero_()
             self.proj.bias[-1] = self.init_margin
+            self.gate.fill_(self.init_gate)
 
     def forward(
         self, x_modulated: torch.Tensor, history: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x_modulated: ``B×N×dim`` time-modulated X_{l−1}; history: [X_0 … X_{l−1}], each ``B×N×dim``.
 
-        Returns the mixture ``B×N×dim`` (dtype of the history) and the weights ``B×N×l`` (float32).
+        Returns the mixture ``B×N×dim`` (dtype of the history) and the effective weights
+        ``(1 − g)·e_{l−1} + g·softmax(logits)`` ``B×N×l`` (float32) it was mixed with.
         """
         if len(history) != self.num_sources:
             raise ValueError(f"router expects {self.num_sources} hidden states, got {len(history)}")
-        weights = self.proj(x_modulated).float().softmax(dim=-1)
+        routed = self.proj(x_modulated).float().softmax(dim=-1)  # (B, N, l)
+        latest = torch.zeros_like(routed[0, 0])
+        latest[-1] = 1.0
+        weights = torch.lerp(latest.expand_as(routed), routed, self.gate.float())
         return _WeightedSum.apply(weights.to(history[0].dtype), *history), weights
 
 

@@ -69,9 +69,15 @@ class DiT(PretrainedNetwork, nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Wan's initialisation; the output projection starts at zero, routers at the plain DiT."""
+        """Wan's initialisation; the output projection starts at zero, router gates at 0 (the plain DiT).
+
+        The routers' own ``init_weights`` draws no random numbers, so a DiT with Layer Memory and one
+        without, built from the same seed, share every other weight: the same function at init, which
+        makes on / off comparisons paired (Figure 7).
+        """
+        routers = {id(module) for router in self.routers for module in router.modules()}
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and id(module) not in routers:
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm | nn.RMSNorm):

@@ -86,7 +86,7 @@ def test_meta_build_then_materialise(inputs):
         assert param.shape == ref.shape and torch.isfinite(param).all(), name
     for router, ref in zip(model.routers, reference.routers):
         torch.testing.assert_close(router.proj.bias, ref.proj.bias)
-        assert router.proj.bias[-1] == config.router_init_margin
+        assert router.proj.bias[-1] == config.router_init_margin and router.gate == 0
     assert model(*inputs).shape == (2, 8, 3, 4, 4)
 
 
@@ -102,7 +102,7 @@ def test_paper_preset_parameter_count():
         f"{counts[True] / 1e9:.3f} B with ({routers:,} router parameters, "
         f"{100 * routers / counts[False]:.4f} %)"
     )
-    assert counts[True] - counts[False] == routers == sum(n * 5120 + n for n in range(2, 41))
+    assert counts[True] - counts[False] == routers == sum(n * 5120 + n + 1 for n in range(2, 41))
     assert routers < 0.01 * counts[False]
     assert 15e9 < counts[False] < 18e9  # Wan2.1-I2V-14B's block widths (≈16.4 B with the image branch)
 

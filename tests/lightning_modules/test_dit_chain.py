@@ -45,6 +45,34 @@ def test_init_from_prefers_ema_weights(tmp_path):
         DiTModule(DiTConfig.tiny(num_layers=2), init_from=str(path))
 
 
+def test_init_from_a_plain_dit_adds_layer_memory_at_init(tmp_path):
+    """Figure 7(b): Layer Memory added to a pretrained plain DiT starts as that DiT; only routers may be new."""
+    source = DiTModule(DiTConfig.tiny(layer_memory=False), ema_decay=0.9)
+    with torch.no_grad():
+        for p in source.dit_ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # off the init, so the output is not trivially zero
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, path)
+    retrofit = DiTModule(DiTConfig.tiny(layer_memory=True), init_from=str(path))
+    assert len(retrofit.dit.routers) == 3 and all(router.gate == 0 for router in retrofit.dit.routers)
+    generator = torch.Generator().manual_seed(0)
+    config = DiTConfig.tiny()
+    inputs = (
+        torch.randn(2, config.in_channels, 3, 2, 2, generator=generator),
+        torch.tensor([0.3, 0.8]),
+        torch.randn(2, 4, config.text_dim, generator=generator),
+        torch.randn(2, 3, config.image_dim, generator=generator),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(retrofit.dit(*inputs), source.dit_ema(*inputs), rtol=1e-6, atol=1e-6)
+    # a checkpoint that lacks more than the routers still does not fit
+    del source.dit_ema.blocks[-1]
+    del source.dit.blocks[-1]
+    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, path)
+    with pytest.raises(ValueError, match="does not fit"):
+        DiTModule(DiTConfig.tiny(layer_memory=True), init_from=str(path))
+
+
 def test_stage_configs_chain_through_init_from(tiny_latents, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs' relative paths (runs/…, data/latents/…) land here
     for name in ("tiny", "tiny-hires"):
