@@ -35,6 +35,7 @@ Public API:
     sid_loss(x_g, z_sigma, sigma, v_real, v_fake, alpha=1.2) -> (B losses, B weight factors)
     sida_generator_losses(x_g, z_sigma, sigma, v_real, v_fake, fake_logits, alpha=1.2) -> (sid, adversarial)
     refine_settings(records, requested, source) -> SamplingSettings
+    DiscriminatorHead(dim)                             SiDA's logits from a velocity network's tokens
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fsvideo.flow import VelocityFn, classifier_free_guidance, integrate_segment, sigma_schedule
 from fsvideo.stages import SamplingSettings
@@ -167,6 +169,23 @@ def sida_generator_losses(
     sid, weight_factor = sid_loss(x_g, z_sigma, sigma, v_real, v_fake, alpha)
     adversarial = F.softplus(-fake_logits.float()).flatten(1).mean(1) / weight_factor
     return sid.mean(), adversarial.mean()
+
+
+class DiscriminatorHead(nn.Module):
+    """SiDA's discriminator on the fake-score network's features: LayerNorm + linear, one logit per token.
+
+    The fake-score network is the discriminator's body (SiDA shares its encoder): the head reads the tokens
+    ``B×N×dim`` one of its blocks outputs and is trained with it.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``B×N×dim`` → ``B×N`` logits (float32)."""
+        return self.linear(self.norm(tokens.float())).squeeze(-1)
 
 
 def refine_settings(
