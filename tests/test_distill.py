@@ -247,6 +247,7 @@ def student_of(network: nn.Module) -> nn.Module:
 
 
 def test_toy_cfg_distilled_student_gives_the_guided_velocity_in_one_evaluation(teacher):
+    torch.manual_seed(0)
     scale = 5.0
     student = student_of(teacher)
     optimizer = torch.optim.Adam(student.parameters(), 1e-3)
@@ -285,6 +286,7 @@ def test_toy_cfg_distilled_student_gives_the_guided_velocity_in_one_evaluation(t
 
 
 def test_toy_progressive_distillation_to_8_steps_beats_the_teachers_8_steps(teacher):
+    torch.manual_seed(0)
     reference = toy_samples(branch(teacher, UNCONDITIONAL), 128)
     current, steps = teacher, 64  # the teacher at 64 steps, then 32, 16, 8 (one round each)
     while steps > 8:
