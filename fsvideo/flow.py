@@ -15,6 +15,8 @@ Public API:
     sigma_schedule(steps, shift=1.0) -> ``steps+1`` σ from 1 to 0
     classifier_free_guidance(conditional, unconditional, scale) -> velocity function
     sample(velocity_fn, noise, steps, shift=1.0, sampler="euler", callback=None) -> z0
+    unshift_sigma(sigma, shift) -> the σ that ``shift_sigma`` maps to ``sigma``
+    integrate_segment(velocity_fn, z, sigma_from, sigma_to, steps, shift=1.0) -> z at sigma_to (Euler)
     SAMPLERS: the names ``sample`` accepts ("euler", "unipc")
 
 A velocity function takes ``(z B×…, sigma B)`` and returns ``v`` shaped like ``z``.
@@ -69,6 +71,13 @@ def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     if shift <= 0:
         raise ValueError(f"shift must be positive, got {shift}")
     return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def unshift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """The inverse of ``shift_sigma``: ``u = σ / (s − (s − 1)·σ)``."""
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    return sigma / (shift - (shift - 1) * sigma)
 
 
 def resolution_shift(
@@ -196,7 +205,40 @@ def sample(
     return run(velocity_fn, noise, sigmas, callback)
 
 
-def euler_steps(velocity_fn: VelocityFn, z: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Euler steps of the flow ODE from ``sigmas[0]`` to ``sigmas[-1]`` (descending), e.g. the first k steps
-    of ``sigma_schedule`` (ReFL stops the sampler at a late step to take the next one with gradient)."""
-    return _sample_euler(velocity_fn, z, sigmas, None)
+def integrate_segment(
+    velocity_fn: VelocityFn,
+    z: torch.Tensor,
+    sigma_from: torch.Tensor | float,
+    sigma_to: torch.Tensor | float,
+    steps: int,
+    shift: float = 1.0,
+) -> torch.Tensor:
+    """Euler-integrate dz/dσ = v from ``sigma_from`` to ``sigma_to`` in ``steps`` steps.
+
+    The intermediate noise levels are evenly spaced before the timestep shift, so a segment between two points
+    of ``sigma_schedule(n, shift)`` visits exactly the points of the finer ``sigma_schedule(n·k, shift)`` that lie
+    between them: two teacher steps of progressive distillation, the last steps of a ReFL rollout.
+
+    Args:
+        velocity_fn: ``(z, sigma B) -> v``.
+        z: ``B×…`` at ``sigma_from``.
+        sigma_from, sigma_to: ``B`` per-sample noise levels (or one float for the batch).
+        steps: Euler steps (velocity evaluations).
+        shift: the timestep shift of the grid the segment belongs to (1: evenly spaced in σ).
+
+    Returns:
+        ``z`` at ``sigma_to``; autograd is left as the caller set it.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    batch = z.shape[0]
+    start = torch.as_tensor(sigma_from, dtype=torch.float64, device=z.device).expand(batch)
+    end = torch.as_tensor(sigma_to, dtype=torch.float64, device=z.device).expand(batch)
+    u_start, u_end = unshift_sigma(start, shift), unshift_sigma(end, shift)
+    sigma = start
+    for i in range(1, steps + 1):
+        following = end if i == steps else shift_sigma(u_start + (u_end - u_start) * (i / steps), shift)
+        v = velocity_fn(z, sigma.float())
+        z = z + _per_sample(following - sigma, z) * v
+        sigma = following
+    return z

@@ -19,8 +19,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fsvideo.distill import refine_settings
+from fsvideo.dit import DiT
 from fsvideo.flow import SAMPLERS
 from fsvideo.pipeline import PRECISIONS, RESIZE_MODES, FSVideoPipeline, PipelineConfig, load_image
+from fsvideo.pretrained import read_records
 from fsvideo.video_io import write_mp4
 
 DEFAULT_CONFIG = "configs/pipeline/generate.yaml"
@@ -105,7 +108,12 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
     refine = {
         name: getattr(args, f"refine_{name}") for name in ("steps", "guidance_scale", "shift", "sampler")
     }
-    config.refine = dataclasses.replace(config.refine, **{k: v for k, v in refine.items() if v is not None})
+    given = {k: v for k, v in refine.items() if v is not None}
+    if given:  # flags override single fields of the settings the pipeline would use
+        records = read_records(config.refiner, expected=DiT) if config.refiner is not None else {}
+        config.refine = dataclasses.replace(
+            config.refine or refine_settings(records, None, str(config.refiner)), **given
+        )
     overrides = {field: getattr(args, flag) for flag, field in _SETTING_FLAGS.items()}
     settings = dataclasses.replace(config.generation, **{k: v for k, v in overrides.items() if v is not None})
     image = load_image(args.image)  # before loading the networks: a bad image fails in a second, not minutes
@@ -118,7 +126,7 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
         f"loaded the networks in {load_time:.2f} s (device {pipe.device}, {pipe.precision}, offload {pipe.offload})"
     )
 
-    total = settings.steps + (config.refine.steps if pipe.chain is not None else 0)
+    total = settings.steps + (pipe.chain.settings.steps if pipe.chain is not None else 0)
     with tqdm(total=total, desc="denoising", unit="step") as bar:
         result = pipe.generate(image, args.prompt, settings, callback=lambda *_: bar.update(1))
     frames = result.frames_uint8()
@@ -155,7 +163,7 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
         "offload": pipe.offload,
         "tiling": dataclasses.asdict(config.tiling) if config.tiling is not None else None,
         "settings": dataclasses.asdict(result.settings),
-        "refine": dataclasses.asdict(config.refine) if pipe.chain is not None else None,
+        "refine": dataclasses.asdict(pipe.chain.settings) if pipe.chain is not None else None,
         "generated_size": result.generated_size,
         "shift_used": result.shift,
         "fps": args.fps,

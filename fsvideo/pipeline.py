@@ -69,6 +69,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from fsvideo.ae import FSAE, TilingConfig
+from fsvideo.distill import refine_settings
 from fsvideo.dit import DiT
 from fsvideo.encoders import ImageEncoder, TextEncoder
 from fsvideo.flow import StepCallback, resolution_shift
@@ -162,10 +163,10 @@ class PipelineConfig:
     refiner: str | None = None
     """Refiner DiT (§2.4.2): saved-model folder, run or checkpoint (it records its latent statistics and
     dynamic-mask rule); null without the two-stage chain."""
-    refine: SamplingSettings = field(
-        default_factory=lambda: SamplingSettings(steps=16, guidance_scale=5.0, shift=None)
-    )
-    """The refiner stage's sampler settings (steps, guidance, shift — None: the base stage's —, sampler)."""
+    refine: SamplingSettings | None = None
+    """The refiner stage's sampler settings (steps, guidance, shift — None: the base stage's —, sampler). None:
+    those a distilled refiner records (its step count and shift, Euler, guidance 1), else 16 steps at guidance 5
+    (``fsvideo.distill.refine_settings``; explicit settings that differ from a distilled refiner's warn)."""
     device: str = "auto"
     """Where the networks run: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", …"""
     offload: bool = False
@@ -538,7 +539,7 @@ class FSVideoPipeline:
                 refiner_mean,
                 refiner_std,
                 DynamicMaskConfig(**refiner_snapshot.records.get(DYNAMIC_MASK, {})),
-                config.refine,
+                refine_settings(refiner_snapshot.records, config.refine, config.refiner),
             )
         text_encoder = TextEncoder.from_pretrained(config.text_encoder, text_len=config.text_len)
         image_encoder = ImageEncoder.from_pretrained(config.image_encoder) if config.image_encoder else None

@@ -34,7 +34,7 @@ from torch import nn
 from fsvideo.ae import FSAE, TilingConfig, decode_chunked_checkpointed
 from fsvideo.dit import DiT
 from fsvideo.dit.condition import FrameCondition
-from fsvideo.flow import VelocityFn, classifier_free_guidance, euler_steps, sigma_schedule
+from fsvideo.flow import VelocityFn, classifier_free_guidance, integrate_segment, sigma_schedule
 
 
 @dataclass
@@ -128,14 +128,18 @@ def predict_with_last_step_gradient(
         ẑ0 ``B×C×t×h×w`` float32 (normalised), the given frames exact; its graph holds one DiT evaluation
         (two with ``gradient_guidance_scale`` ≠ 1).
     """
-    sigmas = sigma_schedule(config.steps, config.shift)
-    with torch.no_grad():
-        z = euler_steps(
-            _velocity(dit, condition, text, negative_text, image_tokens, noise, config.guidance_scale),
-            noise,
-            sigmas[: step + 1],
-        )
-    sigma = sigmas[step].item()
+    sigma = sigma_schedule(config.steps, config.shift)[step].item()
+    z = noise
+    if step > 0:
+        with torch.no_grad():
+            z = integrate_segment(
+                _velocity(dit, condition, text, negative_text, image_tokens, noise, config.guidance_scale),
+                noise,
+                1.0,
+                sigma,
+                steps=step,
+                shift=config.shift,
+            )
     velocity = _velocity(
         dit, condition, text, negative_text, image_tokens, noise, config.gradient_guidance_scale
     )

@@ -199,7 +199,7 @@ PIPELINE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pi
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=[p.name for p in PIPELINE_CONFIGS])
 def test_bundled_pipeline_configs_parse(path):
     config = PipelineConfig.from_yaml(path)
-    assert config.upsampler is None and config.refiner is None
+    assert (config.upsampler is None) == (config.refiner is None)
     assert (config.generation.num_frames - 1) % 4 == 0 and config.generation.height % 64 == 0
 
 

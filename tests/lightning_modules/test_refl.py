@@ -15,7 +15,7 @@ from cli import FSVideoCLI
 from fsvideo.ae import FSAE, FSAEConfig, decode_chunked_checkpointed
 from fsvideo.dit import DiT, DiTConfig, image_to_video
 from fsvideo.flow import (
-    euler_steps,
+    integrate_segment,
     interpolate,
     pseudo_huber_loss,
     sample_sigma,
@@ -114,7 +114,7 @@ def test_gradient_reaches_the_dit_only_through_the_last_step():
         return condition.fix_velocity(v_u + 3.0 * (v_c - v_u), noise)
 
     with torch.no_grad():
-        z = euler_steps(guided, noise, sigmas[:5])
+        z = integrate_segment(guided, noise, 1.0, sigmas[4].item(), steps=4, shift=config.shift)
     sigma = sigmas[4].item()
     v = dit(condition.model_input(z), torch.full((2,), sigma), c["text"], c["image"], c["mask"])
     reference = condition.fix_sample(z - sigma * condition.fix_velocity(v, noise))
