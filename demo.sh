@@ -2,7 +2,7 @@
 # The whole recipe, tiny, on a CPU (run it with `make demo`, which also sets up .venv and the sample data):
 # FSAE stage 1 -> latent cache -> base DiT pretraining -> generate a video from a held-out image ->
 # latent upsampler -> refiner -> generate with the two-stage chain at twice the size, and a contact sheet ->
-# video reward finetuning -> ReFL of the base DiT.
+# refiner distillation to 8 steps -> video reward finetuning -> ReFL of the base DiT.
 # Each step is a real `fsvideo` command with its own config; checkpoints are chained by config.
 # Outputs go below the current folder (runs/, data/); DEMO_AE_STEPS / DEMO_DIT_STEPS set the training lengths.
 set -euo pipefail
@@ -15,6 +15,7 @@ AE_STEPS=${DEMO_AE_STEPS:-300}
 DIT_STEPS=${DEMO_DIT_STEPS:-200}
 UPSAMPLER_STEPS=${DEMO_UPSAMPLER_STEPS:-100}
 REFINER_STEPS=${DEMO_REFINER_STEPS:-60}
+DISTILL_STEPS=${DEMO_DISTILL_STEPS:-10}
 REWARD_STEPS=${DEMO_REWARD_STEPS:-8}
 REFL_STEPS=${DEMO_REFL_STEPS:-20}
 ENCODERS=data/tiny-encoders
@@ -23,30 +24,30 @@ EVAL=runs/tiny-fsae-eval
 SHARDS=(--data.init_args.train_shards "$DATA/train-{000000..000003}.tar" --data.init_args.val_shards "$DATA/val-000000.tar")
 CACHE_ARGS=(--text-encoder "$ENCODERS/text" --image-encoder "$ENCODERS/image" --size 128 --num-frames 17 --text-len 32)
 
-echo "== 1/12 tiny random text/image encoders (stand-ins for UMT5 and CLIP; nothing is downloaded)"
+echo "== 1/13 tiny random text/image encoders (stand-ins for UMT5 and CLIP; nothing is downloaded)"
 [ -d "$ENCODERS/text" ] || "$FSVIDEO" data tiny-encoders --out "$ENCODERS"
 
-echo "== 2/12 FSAE: held-out reconstruction with random weights"
+echo "== 2/13 FSAE: held-out reconstruction with random weights"
 "$FSVIDEO" validate --config "$CONFIGS"/tiny/fsae-eval.yaml "${SHARDS[@]}" --trainer.default_root_dir "$EVAL/random-init"
 
-echo "== 3/12 FSAE stage 1 (L1 + 0.1 LPIPS) on the sample shards, $AE_STEPS steps"
+echo "== 3/13 FSAE stage 1 (L1 + 0.1 LPIPS) on the sample shards, $AE_STEPS steps"
 "$FSVIDEO" fit --config "$CONFIGS"/tiny/fsae-stage1.yaml "${SHARDS[@]}" --trainer.max_steps "$AE_STEPS"
 
-echo "== 4/12 FSAE: held-out reconstruction with the trained (EMA) weights"
+echo "== 4/13 FSAE: held-out reconstruction with the trained (EMA) weights"
 "$FSVIDEO" validate --config "$CONFIGS"/tiny/fsae-eval.yaml "${SHARDS[@]}" --trainer.default_root_dir "$EVAL/trained" \
   --model.init_args.init_from runs/tiny-fsae-stage1/checkpoints/last.ckpt
 
-echo "== 5/12 latent cache of the sample shards with the trained FSAE"
+echo "== 5/13 latent cache of the sample shards with the trained FSAE"
 rm -rf "$LATENTS"
 FSAE=runs/tiny-fsae-stage1/export/autoencoder  # the saved-model folder the fit exported (fsvideo export does it too)
 "$FSVIDEO" data encode --config "$FSAE" --shards "$DATA/train-{000000..000003}.tar" --out "$LATENTS/train" "${CACHE_ARGS[@]}"
 "$FSVIDEO" data encode --config "$FSAE" --shards "$DATA/val-000000.tar" --out "$LATENTS/val" --validation "${CACHE_ARGS[@]}"
 
-echo "== 6/12 base DiT video pretraining (flow matching, Layer Memory) on the cache, $DIT_STEPS steps"
+echo "== 6/13 base DiT video pretraining (flow matching, Layer Memory) on the cache, $DIT_STEPS steps"
 "$FSVIDEO" fit --config "$CONFIGS"/tiny/dit-pretrain-video.yaml --model.init_args.init_from null \
   --trainer.max_steps "$DIT_STEPS" --data.init_args.train_cache "$LATENTS/train" --data.init_args.val_cache "$LATENTS/val"
 
-echo "== 7/12 image-to-video from a held-out first frame"
+echo "== 7/13 image-to-video from a held-out first frame"
 "$PY" - "$DATA/val-000000.tar" runs/demo/first-frame.png <<'PY'
 import io, sys, tarfile
 from pathlib import Path
@@ -65,25 +66,33 @@ PY
 "$FSVIDEO" generate --config "$CONFIGS"/pipeline/tiny-demo.yaml --image runs/demo/first-frame.png \
   --prompt "the camera pans slowly to the left" --out runs/demo/generated.mp4
 
-echo "== 8/12 latent upsampler ×2 (eq. 9) on the sample shards, $UPSAMPLER_STEPS steps"
+echo "== 8/13 latent upsampler ×2 (eq. 9) on the sample shards, $UPSAMPLER_STEPS steps"
 "$FSVIDEO" fit --config "$CONFIGS"/tiny/upsampler.yaml "${SHARDS[@]}" --trainer.max_steps "$UPSAMPLER_STEPS"
 
-echo "== 9/12 refiner (masked video-to-video from the upsampled drafts), $REFINER_STEPS steps"
+echo "== 9/13 refiner (masked video-to-video from the upsampled drafts), $REFINER_STEPS steps"
 "$FSVIDEO" fit --config "$CONFIGS"/tiny/refiner-pretrain.yaml "${SHARDS[@]}" --trainer.max_steps "$REFINER_STEPS" \
   --data.init_args.latent_stats "$LATENTS/train/stats.json"
 
-echo "== 10/12 the two-stage chain: base DiT at 128² -> upsampler -> refiner at 256², and a contact sheet"
+echo "== 10/13 the two-stage chain: base DiT at 128² -> upsampler -> refiner at 256², and a contact sheet"
 "$FSVIDEO" generate --config "$CONFIGS"/pipeline/tiny-demo-2x.yaml --image runs/demo/first-frame.png \
   --prompt "the camera pans slowly to the left" --out runs/demo/generated-2x.mp4
 "$FSVIDEO" report contact-sheet --image runs/demo/first-frame.png --video "base stage (128²)=runs/demo/generated.mp4" \
   --video "after upsampler + refiner (256²)=runs/demo/generated-2x.mp4" --out runs/demo/contact-sheet.png
 
-echo "== 11/12 video reward finetuning: a tiny random Qwen2-VL reward on synthetic pairs (brighter preferred), $REWARD_STEPS steps"
+echo "== 11/13 refiner distillation (§2.4.3): CFG -> progressive (64 -> 32 steps) -> SiDA (8 steps), $DISTILL_STEPS steps each"
+for stage in cfg progressive sida; do
+  "$FSVIDEO" fit --config "$CONFIGS"/tiny/refiner-distill-$stage.yaml "${SHARDS[@]}" --trainer.max_steps "$DISTILL_STEPS" \
+    --data.init_args.latent_stats "$LATENTS/train/stats.json"
+done
+"$FSVIDEO" generate --config "$CONFIGS"/pipeline/tiny-demo-distilled.yaml --image runs/demo/first-frame.png \
+  --prompt "the camera pans slowly to the left" --out runs/demo/generated-2x-distilled.mp4
+
+echo "== 12/13 video reward finetuning: a tiny random Qwen2-VL reward on synthetic pairs (brighter preferred), $REWARD_STEPS steps"
 [ -d data/tiny-rewards/qwen2_vl ] || "$FSVIDEO" rewards tiny-models --out data/tiny-rewards
 [ -f data/tiny-pairs/train/pairs.jsonl ] || "$FSVIDEO" rewards tiny-pairs --out data/tiny-pairs
 "$FSVIDEO" fit --config "$CONFIGS"/tiny/rewards-finetune.yaml --trainer.max_steps "$REWARD_STEPS"
 
-echo "== 12/12 ReFL of the base DiT against that reward and a tiny CLIP frame reward, $REFL_STEPS steps"
+echo "== 13/13 ReFL of the base DiT against that reward and a tiny CLIP frame reward, $REFL_STEPS steps"
 "$FSVIDEO" fit --config "$CONFIGS"/tiny/dit-refl.yaml --trainer.max_steps "$REFL_STEPS" \
   --data.init_args.train_cache "$LATENTS/train" --data.init_args.val_cache "$LATENTS/val"
 
@@ -103,6 +112,7 @@ print(f"DiT training loss: {head:.4f} (first fifth of {len(losses)} steps) -> {t
 print("generated video:             runs/demo/generated.mp4 (+ runs/demo/generated.json, the settings)")
 print("two-stage video (2× size):   runs/demo/generated-2x.mp4 (+ .json with both stages' times and NFE)")
 print("contact sheet (look at it):  runs/demo/contact-sheet.png  (input | base frames | final frames)")
+print("distilled refiner (8 NFE):   runs/demo/generated-2x-distilled.mp4 (+ .json: NFE per stage)")
 print("reconstructions (input|FSAE):", *sorted((root / "trained" / "videos").rglob("*.mp4")), sep="\n  ")
 print("checkpoints + resolved configs: runs/tiny-fsae-stage1/, runs/tiny-dit-pretrain-video/, runs/tiny-upsampler/,")
 print("  runs/tiny-refiner-pretrain/, runs/tiny-rewards-finetune/, runs/tiny-dit-refl/ (reward curves: train/reward_*, watch/*)")

@@ -25,6 +25,7 @@ def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
         "DEMO_DIT_STEPS": "20",
         "DEMO_UPSAMPLER_STEPS": "4",
         "DEMO_REFINER_STEPS": "4",
+        "DEMO_DISTILL_STEPS": "2",
         "DEMO_REWARD_STEPS": "2",
         "DEMO_REFL_STEPS": "2",
         "FSVIDEO": str(bin_dir / "fsvideo"),
@@ -57,3 +58,5 @@ def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
     assert stages == ["encode", "dit", "upsample", "refine", "decode"]
     assert (tmp_path / "runs/demo/contact-sheet.png").is_file() and "contact-sheet.png" in done.stdout
     assert (tmp_path / "runs/tiny-dit-refl/checkpoints/last.ckpt").is_file()
+    distilled = json.loads((tmp_path / "runs/demo/generated-2x-distilled.json").read_text())
+    assert distilled["stages"][3]["nfe"] == 8
