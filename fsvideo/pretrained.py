@@ -447,11 +447,11 @@ def load_network(
     snapshot = read_snapshot(path, name=name, ema=ema, expected=expected)
     # a class whose folders keep part of the weights in another library's format (reward models: a transformers
     # backbone in a subfolder) reads its own folders; None leaves the folder to the generic path
-    folder_loader = getattr(snapshot.network_class(), "load_saved_folder", None)
+    cls = snapshot.network_class()
+    if expected is not None and not issubclass(cls, expected):
+        raise ValueError(f"{snapshot.source} holds a {snapshot.class_name}, not a {expected.__name__}.")
+    folder_loader = getattr(cls, "load_saved_folder", None)
     if folder_loader is not None and is_saved_model_folder(path):
-        cls = snapshot.network_class()
-        if expected is not None and not issubclass(cls, expected):
-            raise ValueError(f"{snapshot.source} holds a {snapshot.class_name}, not a {expected.__name__}.")
         network = folder_loader(Path(path), snapshot, device)
         if network is not None:
             return network.eval().requires_grad_(False)
