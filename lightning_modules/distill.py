@@ -157,15 +157,7 @@ class RefinerDistillModule(RefinerModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.distill_loss(self.dit, batch, augment=True)
-        stepped = self.guarded_step(
-            loss,
-            self.optimizers(),
-            list(self.dit.parameters()),
-            self.optimizer_config.grad_clip_norm,
-            self.lr_schedulers(),
-        )
-        if stepped:
-            self.update_ema(self.dit_ema, self.dit)
+        self.step_dit(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["latent"].shape[0])
         return loss
 

@@ -397,9 +397,8 @@ class DiTModule(TrainingStage):
         optimizer, scheduler = self.optimizer_config.build(self.dit.parameters())
         return [optimizer], [scheduler]
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        z0 = self.normalize(batch["latent"])
-        loss, _ = self.flow_loss(self.dit, z0, batch, self.sample_sigma(z0), torch.randn_like(z0), drop=True)
+    def step_dit(self, loss: torch.Tensor) -> bool:
+        """Backward, the guarded optimizer step of the DiT and its EMA update; False when the step was skipped."""
         stepped = self.guarded_step(
             loss,
             self.optimizers(),
@@ -409,6 +408,12 @@ class DiTModule(TrainingStage):
         )
         if stepped:
             self.update_ema(self.dit_ema, self.dit)
+        return stepped
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        z0 = self.normalize(batch["latent"])
+        loss, _ = self.flow_loss(self.dit, z0, batch, self.sample_sigma(z0), torch.randn_like(z0), drop=True)
+        self.step_dit(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         data = self._latent_data()
         if data is not None and self.global_step % self._trainer.log_every_n_steps == 0:

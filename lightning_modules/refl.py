@@ -185,15 +185,7 @@ class ReFLModule(DiTModule):
         else:
             flow = z0.new_zeros(())
         loss = refl_objective(r_video, r_frame, flow, self.refl)
-        stepped = self.guarded_step(
-            loss,
-            self.optimizers(),
-            list(self.dit.parameters()),
-            self.optimizer_config.grad_clip_norm,
-            self.lr_schedulers(),
-        )
-        if stepped:
-            self.update_ema(self.dit_ema, self.dit)
+        self.step_dit(loss)
         b = z0.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/reward_video", r_video.mean(), prog_bar=True, batch_size=b)
