@@ -76,8 +76,8 @@ echo "== 9/13 refiner (masked video-to-video from the upsampled drafts), $REFINE
 echo "== 10/13 the two-stage chain: base DiT at 128² -> upsampler -> refiner at 256², and a contact sheet"
 "$FSVIDEO" generate --config "$CONFIGS"/pipeline/tiny-demo-2x.yaml --image runs/demo/first-frame.png \
   --prompt "the camera pans slowly to the left" --out runs/demo/generated-2x.mp4
-"$FSVIDEO" report contact-sheet --image runs/demo/first-frame.png --video "base stage (128²)=runs/demo/generated.mp4" \
-  --video "after upsampler + refiner (256²)=runs/demo/generated-2x.mp4" --out runs/demo/contact-sheet.png
+"$FSVIDEO" report contact-sheet --image runs/demo/first-frame.png --video "base stage (128x128)=runs/demo/generated.mp4" \
+  --video "after upsampler + refiner (256x256)=runs/demo/generated-2x.mp4" --out runs/demo/contact-sheet.png
 
 echo "== 11/13 refiner distillation (§2.4.3): CFG -> progressive (64 -> 32 steps) -> SiDA (8 steps), $DISTILL_STEPS steps each"
 for stage in cfg progressive sida; do
