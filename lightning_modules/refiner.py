@@ -24,7 +24,6 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from fsvideo.upsampler import LatentUpsampler
 
 from fsvideo.dit import DiT, FrameCondition, image_to_video
 from fsvideo.flow import interpolate, sample_sigma
@@ -40,6 +39,7 @@ from fsvideo.refiner import (
     shuffle_draft_frames,
 )
 from fsvideo.stages import LatentNormalization, SamplingSettings
+from fsvideo.upsampler import LatentUpsampler
 from lightning_modules.dit import DiTModule
 
 
