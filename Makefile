@@ -25,13 +25,13 @@ $(DATA)/.complete: $(STAMP)
 demo: $(DATA)/.complete
 	bash demo.sh $(DATA)
 
-# Every test, the slow end-to-end ones included (what CI runs).
+# Every test, the slow end-to-end ones included (what CI runs), one worker per CPU core.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 # The quick loop while developing: skips tests marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n auto -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --no-cache .

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from datamodules.sample_data import SampleDataset, write_sample_dataset
 from fsvideo.encoders import save_tiny_encoders
+
+# `make test` runs one pytest-xdist worker per core: each worker, and every process a test starts, computes
+# on one thread, since torch's default (a thread per core in each of them) would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow end-to-end tests run first, so that with several workers the longest ones do not start
+    last and leave the other workers idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
