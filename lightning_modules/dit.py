@@ -397,14 +397,17 @@ class DiTModule(TrainingStage):
         optimizer, scheduler = self.optimizer_config.build(self.dit.parameters())
         return [optimizer], [scheduler]
 
-    def step_dit(self, loss: torch.Tensor) -> bool:
-        """Backward, the guarded optimizer step of the DiT and its EMA update; False when the step was skipped."""
+    def step_dit(self, loss: torch.Tensor, counts_as_step: bool = True, accumulated: bool = False) -> bool:
+        """Backward, the guarded optimizer step of the DiT and its EMA update; False when the step was skipped
+        (``counts_as_step``, ``accumulated``: as ``guarded_step``)."""
         stepped = self.guarded_step(
             loss,
             self.optimizers(),
             list(self.dit.parameters()),
             self.optimizer_config.grad_clip_norm,
             self.lr_schedulers(),
+            counts_as_step=counts_as_step,
+            accumulated=accumulated,
         )
         if stepped:
             self.update_ema(self.dit_ema, self.dit)
