@@ -43,11 +43,14 @@ Public API:
     group_advantages(rewards, eps=1e-6) -> GroupStats (gathered over ranks when distributed)
     clipped_objective(log_prob, old_log_prob, advantages, clip_range, elements) -> (loss, ratio ``B``)
     gaussian_kl(mean, reference_mean, std, free, elements) -> ``B``
+    StepLoss, window_losses(velocity_fn, path, advantages, eta, clip_range, free=None, reference_fn=None,
+                            kl_coefficient=0.0) -> one StepLoss per window step (backward each, then step)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -269,3 +272,53 @@ def gaussian_kl(
     mask = _free_mask(free, mean)
     squared = ((mean - reference_mean.detach()) ** 2 * mask).flatten(1).sum(dim=1)
     return squared / (2 * std**2 * elements)
+
+
+@dataclass
+class StepLoss:
+    """The GRPO loss of one window step and what is logged of it."""
+
+    loss: torch.Tensor
+    """Scalar: clipped surrogate + β·KL (with the policy's graph)."""
+    ratio: torch.Tensor
+    """``B`` policy ratios (detached)."""
+    kl: torch.Tensor
+    """``B`` per-element KL to the reference (zeros without one)."""
+
+
+def window_losses(
+    velocity_fn: VelocityFn,
+    path: Rollout,
+    advantages: torch.Tensor,
+    eta: float,
+    clip_range: float,
+    free: torch.Tensor | None = None,
+    reference_fn: VelocityFn | None = None,
+    kl_coefficient: float = 0.0,
+) -> Iterator[StepLoss]:
+    """The loss of each window step of ``path`` under the policy ``velocity_fn`` (module docstring), one at a time
+    so that the caller backpropagates each and frees its graph (one network evaluation alive at a time).
+
+    Args:
+        velocity_fn: the trained policy's velocity (with gradient).
+        path: the rollout drawn by the policy before this update (π_old).
+        advantages: ``B`` advantage of each sample (the same for all its steps).
+        free: bool broadcastable to the latent, True where the steps draw noise (None: everywhere).
+        reference_fn: the frozen reference's velocity, for the KL term (evaluated without gradient).
+    """
+    elements = int(_free_mask(free, path.latents[0][:1]).sum()) if path.latents else 1
+    for j, step in enumerate(path.window):
+        sigma, sigma_next = path.sigmas[step], path.sigmas[step + 1]
+        z = path.latents[j]
+        sigma_batch = torch.full((z.shape[0],), sigma, device=z.device)
+        std = sde_std(sigma_next, eta)
+        mean = sde_mean(z, velocity_fn(z, sigma_batch), sigma, sigma_next, eta)
+        log_prob = step_log_prob(path.next_latents[j], mean, std, free)
+        loss, ratio = clipped_objective(log_prob, path.log_probs[j], advantages, clip_range, elements)
+        kl = torch.zeros_like(ratio)
+        if reference_fn is not None and kl_coefficient > 0:
+            with torch.no_grad():
+                reference_mean = sde_mean(z, reference_fn(z, sigma_batch), sigma, sigma_next, eta)
+            kl = gaussian_kl(mean, reference_mean, std, free, elements)
+            loss = loss + kl_coefficient * kl.mean()
+        yield StepLoss(loss, ratio.detach(), kl.detach())

@@ -15,13 +15,13 @@ from fsvideo.flow import sigma_schedule
 from fsvideo.grpo import (
     SlidingWindow,
     clipped_objective,
-    gaussian_kl,
     group_advantages,
     rollout,
     sde_mean,
     sde_std,
     sde_step,
     step_log_prob,
+    window_losses,
 )
 
 MU, SCALE, DIMS, SAMPLES = 1.0, 0.5, 4, 20_000
@@ -96,16 +96,16 @@ def test_ratio_is_one_and_nothing_clipped_before_an_update():
     path = rollout(velocity, noise, sigmas, range(2, 5), 0.7, torch.Generator().manual_seed(0))
     assert len(path.log_probs) == 3 and path.sample.shape == noise.shape
     advantages = group_advantages(torch.randn(2, 3)).advantages.flatten()
-    for j, step in enumerate(path.window):
-        sigma, sigma_next = path.sigmas[step], path.sigmas[step + 1]
-        z = path.latents[j]
-        mean = sde_mean(z, velocity(z, torch.full((6,), sigma)), sigma, sigma_next, 0.7)
-        log_prob = step_log_prob(path.next_latents[j], mean, sde_std(sigma_next, 0.7))
-        loss, ratio = clipped_objective(log_prob, path.log_probs[j], advantages, 0.2, DIMS)
-        assert torch.equal(ratio, torch.ones(6)) and not (ratio - 1).abs().gt(0.2).any()
-        torch.testing.assert_close(loss, -advantages.mean())
-        kl = gaussian_kl(mean, mean.detach(), sde_std(sigma_next, 0.7), None, DIMS)
-        assert torch.equal(kl, torch.zeros(6))
+    losses = list(
+        window_losses(velocity, path, advantages, 0.7, 0.2, reference_fn=velocity, kl_coefficient=0.1)
+    )
+    assert len(losses) == 3
+    for step in losses:
+        assert torch.equal(step.ratio, torch.ones(6)) and not (step.ratio - 1).abs().gt(0.2).any()
+        assert torch.equal(step.kl, torch.zeros(6))
+        torch.testing.assert_close(step.loss, -advantages.mean())
+        step.loss.backward()  # each step's graph reaches the policy
+    assert net.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="deterministic"):
         rollout(velocity, noise, sigmas, range(5, 8), 0.7)
 
