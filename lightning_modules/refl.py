@@ -91,16 +91,7 @@ class ReFLModule(DiTModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if "autoencoder" in self.frozen:
-            return
-        data = self._latent_data()
-        paths = None if data is None else data.encoder_paths()
-        if paths is None:
-            raise ValueError(
-                "no FSAE to decode ReFL samples with: set model.init_args.autoencoder to the FSAE run that "
-                "encoded the latents."
-            )
-        self.frozen.add("autoencoder", load_network(paths.autoencoder, expected=FSAE).to(self.device))
+        self.hold_data_autoencoder("ReFL")
 
     def dit_records(self) -> dict[str, Any]:
         refl = {
