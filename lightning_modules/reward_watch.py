@@ -59,7 +59,7 @@ class RewardWatch:
             loader = [] if datamodule is None else datamodule.val_dataloader()
             self.batches = []
             for batch in loader:
-                batch = datamodule.on_after_batch_transfer(trainer.strategy.batch_to_device(batch), 0)
+                batch = trainer.strategy.batch_to_device(batch)  # with the DataModule's transfer hooks
                 if batch["latent"].shape[2] > 1:
                     self.batches.append(batch)
                 if len(self.batches) == self.config.batches:
