@@ -1,7 +1,6 @@
 """The README's main command end to end, with even smaller settings: FSAE stage 1 -> latent cache -> DiT
-pretraining -> generate -> latent upsampler -> refiner -> two-stage generate and contact sheet -> … -> GRPO of the
-distilled refiner, each a real
-`fsvideo` command, in a scratch folder."""
+pretraining -> generate -> latent upsampler -> refiner -> two-stage generate and contact sheet -> distillation ->
+reward finetuning -> ReFL -> GRPO of the distilled refiner, each a real `fsvideo` command, in a scratch folder."""
 
 from __future__ import annotations
 
