@@ -18,7 +18,7 @@ REFINER_STEPS=${DEMO_REFINER_STEPS:-30}
 DISTILL_STEPS=${DEMO_DISTILL_STEPS:-10}
 REWARD_STEPS=${DEMO_REWARD_STEPS:-8}
 REFL_STEPS=${DEMO_REFL_STEPS:-10}
-GRPO_STEPS=${DEMO_GRPO_STEPS:-4}
+GRPO_STEPS=${DEMO_GRPO_STEPS:-2}
 ENCODERS=data/tiny-encoders
 LATENTS=data/latents/tiny
 EVAL=runs/tiny-fsae-eval
@@ -99,7 +99,8 @@ echo "== 13/14 ReFL of the base DiT against that reward and a tiny CLIP frame re
 
 echo "== 14/14 GRPO of the distilled refiner (§2.4.3) against the same reward, MixGRPO window, $GRPO_STEPS steps"
 "$FSVIDEO" fit --config "$CONFIGS"/tiny/refiner-grpo.yaml "${SHARDS[@]}" --trainer.max_steps "$GRPO_STEPS" \
-  --data.init_args.batches_per_epoch "$GRPO_STEPS" --data.init_args.latent_stats "$LATENTS/train/stats.json"
+  --data.init_args.batches_per_epoch "$GRPO_STEPS" --data.init_args.latent_stats "$LATENTS/train/stats.json" \
+  --trainer.limit_val_batches 0  # the held-out reward watch runs at step 0; no flow-matching validation
 
 "$PY" - "$EVAL" <<'PY'
 import json, sys

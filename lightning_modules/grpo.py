@@ -281,8 +281,10 @@ class RefinerGRPOModule(RefinerModule):
             "euler",
             generator,
         )
-        watch = "watch_reward" if "watch_reward" in self.frozen else "video_reward"
-        return {
-            "watch/reward_video": self.rewards(sample, prompts),
-            "watch/reward_watch": self.rewards(sample, prompts, watch),
-        }
+        scores = {"watch/reward_video": self.rewards(sample, prompts)}
+        scores["watch/reward_watch"] = (
+            self.rewards(sample, prompts, "watch_reward")
+            if "watch_reward" in self.frozen
+            else scores["watch/reward_video"]
+        )
+        return scores
