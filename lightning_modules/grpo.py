@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from fsvideo.ae import FSAE
 from fsvideo.distill import (
@@ -202,8 +203,9 @@ class RefinerGRPOModule(RefinerModule):
         cfg = self.grpo
         # 1. groups: rank 0's batch on every rank, this rank's share of each group
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        if world > 1:
-            batch = self.trainer.strategy.broadcast(batch, src=0)
+        if world > 1:  # pickled on the CPU: a CUDA tensor would unpickle onto rank 0's device
+            batch = self.trainer.strategy.broadcast(move_data_to_device(batch, "cpu"), src=0)
+            batch = move_data_to_device(batch, self.device)
         per_rank = cfg.group_size // world
         condition, text, prompts = self.group_inputs(batch)
         groups = len(prompts)
