@@ -171,7 +171,7 @@ def make_module(parts, video_reward, refiner: str = "refiner", **grpo) -> Refine
     return RefinerGRPOModule(
         video_reward=str(video_reward),
         grpo=GRPOConfig(**grpo),
-        base_dit=str(parts["undistilled"]),
+        base_dit=None,  # GRPO refines the clean draft: no base DiT held
         upsampler=str(parts["upsampler"]),
         conditioning=RefinerTrainingConfig(deviation=False),
         dit=DiTConfig.tiny(),
@@ -187,9 +187,19 @@ def test_module_checks_its_refiner_and_window_and_keeps_the_distilled_records(pa
         make_module(parts, video_reward, window=SlidingWindow(size=8))
     with pytest.raises(ValueError, match="group_size"):
         GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="conditioning.deviation"):
+        RefinerGRPOModule(
+            video_reward=str(video_reward),
+            base_dit=None,
+            upsampler=str(parts["upsampler"]),
+            dit=DiTConfig.tiny(),
+            init_from=str(parts["refiner"]),
+        )
     module = make_module(parts, video_reward, kl_coefficient=0.1, window={"size": 3, "schedule": "fixed"})
     assert (module.sampling.steps, module.sampling.shift, module.sampling.guidance_scale) == (8, 3.0, 1.0)
-    assert "reference" in module.frozen and "video_reward" in module.frozen
+    assert (
+        "reference" in module.frozen and "video_reward" in module.frozen and "base_dit" not in module.frozen
+    )
     records = module.dit_records()
     assert records[distill.DISTILLED_STEPS] == 8 and records[distill.GUIDANCE_DISTILLED] is True
     assert records["grpo"]["window"]["size"] == 3 and records["grpo"]["video_reward"] == str(video_reward)
@@ -226,7 +236,6 @@ def test_fit_of_the_tiny_config_trains_against_a_video_reward(
             "--wandb.mode=disabled",
             f"--model.init_args.init_from={parts['refiner']}",
             f"--model.init_args.video_reward={video_reward}",
-            f"--model.init_args.base_dit={parts['undistilled']}",
             f"--model.init_args.upsampler={parts['upsampler']}",
             "--model.init_args.dit.latent_channels=8",
             "--model.init_args.grpo.updates_per_rollout=1",
