@@ -100,7 +100,7 @@ echo "== 13/14 ReFL of the base DiT against that reward and a tiny CLIP frame re
 echo "== 14/14 GRPO of the distilled refiner (§2.4.3) against the same reward, MixGRPO window, $GRPO_STEPS steps"
 "$FSVIDEO" fit --config "$CONFIGS"/tiny/refiner-grpo.yaml "${SHARDS[@]}" --trainer.max_steps "$GRPO_STEPS" \
   --data.init_args.batches_per_epoch "$GRPO_STEPS" --data.init_args.latent_stats "$LATENTS/train/stats.json" \
-  --trainer.limit_val_batches 0  # the held-out reward watch runs at step 0; no flow-matching validation
+  --trainer.limit_val_batches 0 --model.init_args.watch.every_n_steps 0  # time: no validation, no held-out watch
 
 "$PY" - "$EVAL" <<'PY'
 import json, sys
@@ -122,7 +122,7 @@ print("distilled refiner (8 NFE):   runs/demo/generated-2x-distilled.mp4 (+ .jso
 print("reconstructions (input|FSAE):", *sorted((root / "trained" / "videos").rglob("*.mp4")), sep="\n  ")
 print("checkpoints + resolved configs: runs/tiny-fsae-stage1/, runs/tiny-dit-pretrain-video/, runs/tiny-upsampler/,")
 print("  runs/tiny-refiner-pretrain/, runs/tiny-rewards-finetune/, runs/tiny-dit-refl/ (reward curves: train/reward_*, watch/*),")
-print("  runs/tiny-refiner-grpo/ (train/reward_mean, train/clip_fraction, train/window_position, watch/*)")
+print("  runs/tiny-refiner-grpo/ (train/reward_mean, train/ratio_*, train/clip_fraction, train/window_position)")
 print("saved-model folders (what the pipeline loaded): runs/tiny-fsae-stage1/export/, runs/tiny-dit-pretrain-video/export/")
 for run in ("tiny-fsae-stage1", "tiny-dit-pretrain-video"):
     print(f"wandb run (offline; `wandb sync` uploads it):", *sorted(Path(f"runs/{run}/wandb").glob("offline-run-*"))[-1:])
