@@ -1,4 +1,5 @@
-"""The ``fsvideo`` command: LightningCLI for the training stages plus the data/eval subcommands.
+"""The ``fsvideo`` command: the training stages through LightningCLI (``lightning_modules.cli``, imported only
+for them) plus the data, generate, export, rewards and report subcommands, which start without Lightning.
 
     fsvideo fit --config configs/tiny/fsae-stage1.yaml          # train a stage
     fsvideo fit --config … --ckpt_path last                     # resume it
@@ -19,116 +20,9 @@ from __future__ import annotations
 import os
 import re
 import sys
-import warnings
 from argparse import ArgumentError
-from pathlib import Path
 
 import yaml
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-from callbacks.checkpoint_io import AtomicCheckpointIO
-from callbacks.logging import resolve_wandb_mode, wandb_run_id
-from fsvideo.checkpoints import RUN_CONFIG
-
-# Lightning warnings that are expected with this project's design, silenced so real ones stand out:
-# stages use manual optimization (checkpoints hold post-step weights, as intended), frozen networks
-# (EMA twins, LPIPS, encoders) stay in eval mode, data streams know their per-rank length, and the
-# DataModules (not the DataLoaders) save and restore the stream position, so a mid-epoch resume is exact.
-for _message in (
-    "Using ModelCheckpoint with manual optimization",
-    "You're resuming from a checkpoint that ended before the epoch ended",
-    r"Found \d+ module\(s\) in eval mode",
-    "Your `IterableDataset` has `__len__` defined",
-    "LightningCLI's args parameter is intended to run from within Python",
-):
-    warnings.filterwarnings("ignore", message=_message)
-
-
-class SaveRunConfig(SaveConfigCallback):
-    """Writes the resolved config beside the run's checkpoints and sends it to the loggers."""
-
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        run_dir = Path(trainer.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, run_dir / RUN_CONFIG, skip_none=False, overwrite=True)
-        resolved = self.parser.dump(self.config, format="yaml", skip_none=False)
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"config": self.config.as_dict(), "config_yaml": resolved})
-
-
-class FSVideoCLI(LightningCLI):
-    """LightningCLI with the house defaults: omegaconf configs, a checkpoint section, wandb logging."""
-
-    def __init__(self, args: list[str] | None = None, **kwargs) -> None:
-        super().__init__(
-            model_class=LightningModule,
-            datamodule_class=None,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=SaveRunConfig,
-            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-            # Parse errors are raised, not printed with the whole usage: main() reports them in one line.
-            parser_kwargs={"parser_mode": "omegaconf", "default_env": False, "exit_on_error": False},
-            auto_configure_optimizers=False,
-            seed_everything_default=0,
-            args=args,
-            **kwargs,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "trainer.default_root_dir": "runs/default",
-                "checkpoint.save_last": True,
-                "checkpoint.save_top_k": -1,
-                "checkpoint.every_n_train_steps": 100,
-            }
-        )
-        parser.link_arguments(
-            "trainer.default_root_dir",
-            "checkpoint.dirpath",
-            compute_fn=lambda root: os.path.join(root, "checkpoints"),
-        )
-        parser.add_argument("--wandb.project", type=str, default="fsvideo", help="wandb project name.")
-        parser.add_argument(
-            "--wandb.mode",
-            type=str,
-            default="auto",
-            help="auto (online only when an account is configured), offline, online or disabled.",
-        )
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config.trainer
-        # A user-chosen logger wins; the default (True) becomes an offline-safe wandb run in the run dir.
-        mode = resolve_wandb_mode(config.wandb.mode)
-        default_logger = trainer.logger is None or trainer.logger is True
-        if default_logger and mode != "disabled":
-            root = trainer.default_root_dir
-            trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.WandbLogger",
-                "init_args": {
-                    "project": config.wandb.project,
-                    "name": Path(root).name,
-                    "save_dir": root,
-                    "offline": mode == "offline",
-                    "id": wandb_run_id(
-                        root, resuming=self.subcommand == "fit" and config.get("ckpt_path") is not None
-                    ),
-                    "resume": "allow",
-                },
-            }
-        elif default_logger:
-            trainer.logger = False
-        if trainer.plugins is None:
-            trainer.plugins = [
-                {"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}
-            ]
-
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "FSVIDEO_DEBUG"
@@ -137,9 +31,16 @@ PROJECT_PACKAGES = {"cli", "fsvideo", "datamodules", "lightning_modules", "callb
 # ValueError (and Lightning MisconfigurationException) for values they refuse, while one from deeper down
 # (torch, numpy) is a bug whose traceback matters. Files and YAML are the user's wherever they fail.
 VALIDATING_PACKAGES = PROJECT_PACKAGES | {"lightning", "lightning_fabric", "pytorch_lightning"}
-VALIDATION_ERRORS = (ValueError, MisconfigurationException)
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 ENVIRONMENT_ERRORS = (OSError, yaml.YAMLError)
 PARSER_PACKAGES = {"jsonargparse", "argparse"}  # jsonargparse builds on argparse, which raises some errors
+
+
+def _validation_errors() -> tuple[type[Exception], ...]:
+    """ValueError, and Lightning's MisconfigurationException once Lightning is loaded (a command that never
+    imported Lightning cannot have raised it)."""
+    exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return (ValueError,) if exceptions is None else (ValueError, exceptions.MisconfigurationException)
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -178,7 +79,7 @@ def user_error_message(error: Exception) -> str | None:
     elif isinstance(own, yaml.YAMLError):
         message = f"a config file is not valid YAML: {own}"
     elif isinstance(own, ENVIRONMENT_ERRORS) or (
-        isinstance(own, VALIDATION_ERRORS) and _raised_in(own) in VALIDATING_PACKAGES
+        isinstance(own, _validation_errors()) and _raised_in(own) in VALIDATING_PACKAGES
     ):
         message = str(own)
     else:
@@ -205,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         if message is None:
             raise
         if isinstance(error, ArgumentError):
-            command = " ".join(["fsvideo", *[arg for arg in args[:1] if arg in FSVideoCLI.subcommands()]])
+            command = " ".join(["fsvideo", *[arg for arg in args[:1] if arg in LIGHTNING_SUBCOMMANDS]])
             message += f" (`{command} --help` lists the options)"
         print(f"fsvideo: error: {message}", file=sys.stderr)
         print(f"fsvideo: run again with {DEBUG_FLAG} (or {DEBUG_ENV}=1) for the traceback", file=sys.stderr)
@@ -234,6 +135,8 @@ def _dispatch(args: list[str]) -> None:
         from callbacks.reports import report_main
 
         return report_main(args[1:])
+    from lightning_modules.cli import FSVideoCLI
+
     FSVideoCLI(args=args)
 
 

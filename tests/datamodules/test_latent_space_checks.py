@@ -12,12 +12,12 @@ import pytest
 import torch
 from run_dirs import SMALL_FSAE, write_fsae_run
 
-from cli import FSVideoCLI
 from datamodules.buckets import BucketConfig
 from datamodules.latent_encoder import EncoderPaths
 from datamodules.latent_writer import encode_shards
 from datamodules.latents import EncodingVideoDataModule
 from fsvideo.pipeline import FSVideoPipeline, PipelineConfig
+from lightning_modules.cli import FSVideoCLI
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ARGS = {"text_len": 16, "buckets": BucketConfig(size=64), "num_frames": 5, "batch_size": 4}

@@ -12,7 +12,6 @@ import torch
 import yaml
 
 from callbacks.loss_history import read_loss_history
-from cli import FSVideoCLI
 from fsvideo import distill
 from fsvideo.dit import DiT, DiTConfig
 from fsvideo.flow import interpolate, pseudo_huber_loss
@@ -21,6 +20,7 @@ from fsvideo.pretrained import MANIFEST_KEY, read_records
 from fsvideo.refiner import RefinerTrainingConfig
 from fsvideo.stages import SamplingSettings
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
+from lightning_modules.cli import FSVideoCLI
 from lightning_modules.distill import (
     RefinerCFGDistillModule,
     RefinerProgressiveDistillModule,

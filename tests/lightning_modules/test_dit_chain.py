@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import FSVideoCLI
 from fsvideo.dit import DiT, DiTConfig
 from fsvideo.latent_space import LatentStats
+from lightning_modules.cli import FSVideoCLI
 from lightning_modules.dit import DiTModule
 
 REPO = Path(__file__).resolve().parents[2]

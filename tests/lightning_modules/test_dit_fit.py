@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from callbacks.loss_history import read_loss_history
-from cli import FSVideoCLI
+from lightning_modules.cli import FSVideoCLI
 
 REPO = Path(__file__).resolve().parents[2]
 # The test FSAE has 8 latent channels (run_dirs.SMALL_FSAE); the tiny encoders' widths are the configs'.

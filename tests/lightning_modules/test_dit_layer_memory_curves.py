@@ -13,8 +13,8 @@ import yaml
 from PIL import Image
 
 from callbacks.loss_history import plot_loss_curves, read_loss_history
-from cli import FSVideoCLI
 from fsvideo.dit import router_heatmap
+from lightning_modules.cli import FSVideoCLI
 
 REPO = Path(__file__).resolve().parents[2]
 PAIR = {

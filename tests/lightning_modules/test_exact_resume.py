@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import FSVideoCLI
+from lightning_modules.cli import FSVideoCLI
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -11,13 +11,13 @@ import torch
 import yaml
 
 from callbacks.loss_history import read_loss_history
-from cli import FSVideoCLI
 from fsvideo.dit import DiT, DiTConfig, image_to_video
 from fsvideo.flow import interpolate, sample_sigma
 from fsvideo.latent_space import LatentStats
 from fsvideo.pretrained import MANIFEST_KEY
 from fsvideo.refiner import DYNAMIC_MASK, RefinerTrainingConfig
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
+from lightning_modules.cli import FSVideoCLI
 from lightning_modules.refiner import RefinerModule
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import FSVideoCLI
 from fsvideo.ae import FSAE, FSAEConfig, decode_chunked_checkpointed
 from fsvideo.dit import DiT, DiTConfig, image_to_video
 from fsvideo.flow import (
@@ -37,6 +36,7 @@ from fsvideo.rewards import (
     VideoRewardConfig,
     save_tiny_reward_models,
 )
+from lightning_modules.cli import FSVideoCLI
 
 REPO = Path(__file__).resolve().parents[2]
 CHANNELS, TEXT_LEN, DIM = 8, 4, 32

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from run_dirs import SMALL_FSAE, write_fsae_run
 
-from cli import FSVideoCLI
 from fsvideo.ae import FSAE
 from fsvideo.pretrained import MANIFEST_KEY, load_network
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 from lightning_modules.autoencoder import PatchDecodeConfig
+from lightning_modules.cli import FSVideoCLI
 from lightning_modules.upsampler import DecodeConfig, UpsamplerLossConfig, UpsamplerModule
 
 REPO = Path(__file__).resolve().parents[2]
