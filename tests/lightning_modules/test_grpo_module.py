@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from cli import FSVideoCLI
 from fsvideo import distill
 from fsvideo.ae import FSAE, FSAEConfig
 from fsvideo.dit import DiT, DiTConfig, image_to_video
@@ -25,6 +24,7 @@ from fsvideo.refl import ReFLConfig, decode_for_reward
 from fsvideo.rewards import VideoReward, VideoRewardConfig, save_tiny_reward_models
 from fsvideo.stages import sample_conditioned
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
+from lightning_modules.cli import FSVideoCLI
 from lightning_modules.grpo import GRPOConfig, RefinerGRPOModule, repeat_condition
 
 REPO = Path(__file__).resolve().parents[2]
