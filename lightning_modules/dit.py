@@ -201,7 +201,7 @@ class DiTModule(TrainingStage):
         their shards. Lightning calls this on every rank (once the device mesh exists) at each trainer entry
         point; a second call finds the work done."""
         networks = [self.dit] + ([self.dit_ema] if self.dit_ema is not None else [])
-        self.parallelize(networks, self.frozen.networks(), self.parallel)
+        self.parallelize(networks, self.frozen.parallelizable(), self.parallel)
         if not any(p.is_meta for p in self.dit.parameters()):
             return
         device = self.trainer.strategy.root_device
@@ -277,7 +277,8 @@ class DiTModule(TrainingStage):
                 f"no FSAE to decode {purpose} samples with: set model.init_args.autoencoder to the FSAE run that "
                 "encoded the latents."
             )
-        self.frozen.add("autoencoder", load_network(paths.autoencoder, expected=FSAE).to(self.device))
+        autoencoder = load_network(paths.autoencoder, expected=FSAE).to(self.device)
+        self.frozen.add("autoencoder", autoencoder, replicate=True)
 
     def saved_networks(self) -> dict[str, SavedNetwork]:
         return {self.network_name: SavedNetwork(self.dit, self.dit_ema, self.dit_records())}

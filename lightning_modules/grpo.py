@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.strategies import DDPStrategy
 
 from fsvideo.ae import FSAE
 from fsvideo.distill import (
@@ -155,18 +156,26 @@ class RefinerGRPOModule(RefinerModule):
             if k in records
         }
         self.video_reward_path = video_reward
-        self.frozen.add("video_reward", load_network(video_reward, expected=VideoReward))
+        self.frozen.add("video_reward", load_network(video_reward, expected=VideoReward), replicate=True)
         if self.watch.reward is not None:
-            self.frozen.add("watch_reward", load_network(self.watch.reward, expected=VideoReward))
+            self.frozen.add(
+                "watch_reward", load_network(self.watch.reward, expected=VideoReward), replicate=True
+            )
         if self.grpo.kl_coefficient > 0:
             self.frozen.add("reference", load_network(self.init_from, DiT))
         if autoencoder is not None:
-            self.frozen.add("autoencoder", load_network(autoencoder, expected=FSAE))
+            self.frozen.add("autoencoder", load_network(autoencoder, expected=FSAE), replicate=True)
         self.reward_watch = RewardWatch(self.watch)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and isinstance(self.trainer.strategy, DDPStrategy):
+            raise ValueError(
+                "GRPO backpropagates each window step on its own, which DDP's reducer refuses (one backward per "
+                "forward); for several ranks use trainer.strategy: lightning.pytorch.strategies.ModelParallelStrategy "
+                "with model.init_args.parallel.fsdp: true."
+            )
         if self.grpo.group_size % world:
             raise ValueError(
                 f"group_size {self.grpo.group_size} is not divisible by the {world} data-parallel ranks: every rank "

@@ -80,13 +80,15 @@ class ReFLModule(DiTModule):
         self.round = round
         self.video_reward_path = video_reward
         self.frame_reward_config = frame_reward
-        self.frozen.add("video_reward", load_network(video_reward, expected=VideoReward))
-        self.frozen.add("frame_reward", FrameReward.from_backbone(frame_reward))
+        self.frozen.add("video_reward", load_network(video_reward, expected=VideoReward), replicate=True)
+        self.frozen.add("frame_reward", FrameReward.from_backbone(frame_reward), replicate=True)
         if self.watch.reward is not None:
-            self.frozen.add("watch_reward", load_network(self.watch.reward, expected=VideoReward))
+            self.frozen.add(
+                "watch_reward", load_network(self.watch.reward, expected=VideoReward), replicate=True
+            )
         self.autoencoder_path = autoencoder
         if autoencoder is not None:
-            self.frozen.add("autoencoder", load_network(autoencoder, expected=FSAE))
+            self.frozen.add("autoencoder", load_network(autoencoder, expected=FSAE), replicate=True)
         self.reward_watch = RewardWatch(self.watch)
 
     def setup(self, stage: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from two_process import SHARDED_FIT_ARGS, run_cli
 
 from fsvideo import distill
 from fsvideo.ae import FSAE, FSAEConfig
@@ -263,3 +264,46 @@ def test_fit_of_the_tiny_config_trains_against_a_video_reward(
     assert not any("reward" in k or "reference" in k or "upsampler" in k for k in checkpoint["state_dict"])
     records = read_records(run_dir / "export" / "refiner")
     assert records[distill.DISTILLED_STEPS] == 8 and records["grpo"]["group_size"] == 4
+
+
+@pytest.mark.slow
+def test_groups_span_two_sharded_gloo_ranks(parts, video_reward, tiny_latents, sample_shards, tmp_path):
+    """`fsvideo fit` on two CPU processes (FSDP2 over gloo): each rank draws 2 of the group's 4 samples, the batch
+    of rank 0 broadcast, the rewards gathered; the run trains and exports one refiner."""
+    encoders = {
+        "autoencoder": str(tiny_latents.fsae_run),
+        "text_encoder": str(tiny_latents.encoders["text"]),
+        "image_encoder": str(tiny_latents.encoders["image"]),
+        "text_len": 16,
+    }
+    run_dir = tmp_path / "run"
+    run_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/tiny/refiner-grpo.yaml"),
+            *SHARDED_FIT_ARGS,
+            f"--trainer.default_root_dir={run_dir}",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            "--wandb.mode=disabled",
+            f"--model.init_args.init_from={parts['refiner']}",
+            f"--model.init_args.video_reward={video_reward}",
+            f"--model.init_args.upsampler={parts['upsampler']}",
+            "--model.init_args.dit.latent_channels=8",
+            "--model.init_args.watch.every_n_steps=0",
+            f"--data.init_args.encoders={yaml.safe_dump(encoders, default_flow_style=True).strip()}",
+            f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
+            f"--data.init_args.train_shards={sample_shards.root / 'train-000000.tar'}",
+            "--data.init_args.val_shards=null",
+            "--data.init_args.num_frames=5",
+            "--data.init_args.buckets.size=128",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batches_per_epoch=2",
+        ],
+        cwd=tmp_path,
+    )
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2 and list(checkpoint[MANIFEST_KEY]) == ["refiner"]
+    assert read_records(run_dir / "export" / "refiner")[distill.DISTILLED_STEPS] == 8
