@@ -28,7 +28,9 @@ ReFL (``lightning_modules.reward_watch``): held-out clips refined with the deter
 scored by the training reward (``watch/reward_video``) and a second frozen video reward (``watch/reward_watch``).
 
 The refiner is saved as ``refiner`` with the distilled refiner's records (so the pipeline samples it the same way)
-and a ``grpo`` record.
+and a ``grpo`` record. No base DiT is needed (``base_dit: null``, ``conditioning.deviation: false``). Several ranks
+run with FSDP2 (``ModelParallelStrategy``, ``parallel.fsdp``): each window step is its own backward pass, which
+DDP's reducer refuses.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ class RefinerGRPOModule(RefinerModule):
         grpo: group, SDE, objective, window and decoding settings.
         watch: the held-out reward-hacking watch (``watch.reward`` None: the training video reward).
         **kwargs: ``RefinerModule``'s; ``init_from`` is the distilled refiner (stage C's export), which must record
-            ``distilled_steps`` and ``distilled_shift``.
+            ``guidance_distilled``, ``distilled_steps`` and ``distilled_shift``; it is also the frozen reference of
+            the KL term.
     """
 
     def __init__(
