@@ -18,6 +18,7 @@ video reward scores the 61 frames with the first frame and the prompt; the frame
 Public API:
     ReFLConfig                           sampling schedule, gradient step range, truncation, loss weights
     predict_with_last_step_gradient(dit, condition, text, negative_text, image_tokens, noise, config, step) -> ẑ0
+    DecodeSettings                       what decode_for_reward reads of a config (truncation, chunks)
     decode_for_reward(autoencoder, latent, config) -> ``B×3×T×H×W`` in [-1, 1]
     score_video(video, prompts, video_reward, frame_reward) -> (r_video ``B``, r_frame ``B``)
     refl_objective(r_video, r_frame, flow_loss, config) -> scalar loss
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -147,14 +149,21 @@ def predict_with_last_step_gradient(
     return condition.fix_sample(z - sigma * v)  # eq. 12
 
 
-def decode_for_reward(autoencoder: FSAE, latent: torch.Tensor, config: ReFLConfig) -> torch.Tensor:
+class DecodeSettings(Protocol):
+    """What ``decode_for_reward`` reads of a stage's config (``ReFLConfig``, ``fsvideo.grpo``'s stage config)."""
+
+    decoded_latent_frames: int
+    decoder_chunk_latent_frames: int
+
+
+def decode_for_reward(autoencoder: FSAE, latent: torch.Tensor, config: DecodeSettings) -> torch.Tensor:
     """The first ``decoded_latent_frames`` frames of a raw FSAE latent ``B×C×t×h×w`` as pixels
     ``B×3×(1 + 4·(n − 1))×H×W`` clamped to [-1, 1] (the rewards' input range). With gradient enabled each decoder
     chunk is recomputed in backward; without, it is ``autoencoder.decode`` with the same temporal chunks."""
     cfg = autoencoder.config
     if cfg.first_frame_injection or cfg.noise_weight > 0:
         raise ValueError(
-            "ReFL decodes with the plain causal decoder; this FSAE injects first-frame features or noise "
+            "ReFL and GRPO decode with the plain causal decoder; this FSAE injects first-frame features or noise "
             "(a §2.2.3 decoder variant). Give model.init_args.autoencoder the FSAE run that encoded the latents."
         )
     frames = min(config.decoded_latent_frames or latent.shape[2], latent.shape[2])

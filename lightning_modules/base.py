@@ -100,15 +100,20 @@ class TrainingStage(L.LightningModule):
         grad_clip_norm: float | None,
         scheduler=None,
         counts_as_step: bool = True,
+        accumulated: bool = False,
     ) -> bool:
         """Backward, check, clip and step one optimizer. Returns False when the step was skipped.
+
+        ``accumulated=True``: the caller zeroed the gradients and ran the backward passes itself (several losses
+        accumulated, each freeing its graph: GRPO's per-step losses); ``loss`` is their total, for the check.
 
         ``counts_as_step=False`` steps the raw torch optimizer so that Lightning's ``global_step``
         counts generator updates only (Lightning counts every ``LightningOptimizer.step`` call).
         One host sync per call decides the skip: a non-finite update must never reach the weights.
         """
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        if not accumulated:
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             parameters, grad_clip_norm if grad_clip_norm is not None else math.inf
         )

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from datamodules.latents import LatentData
+from fsvideo.ae import FSAE
 from fsvideo.dit import DiT, DiTConfig, FrameCondition, image_to_video, router_heatmap, text_to_image
 from fsvideo.encoders import drop_conditions
 from fsvideo.flow import (
@@ -50,7 +51,7 @@ from fsvideo.flow import (
 from fsvideo.latent_space import LATENT_SPACE, LATENT_STATS, LatentSpace, LatentStats
 from fsvideo.parallel import ParallelConfig
 from fsvideo.pipeline import RefinerChain
-from fsvideo.pretrained import MANIFEST_KEY, NetworkSnapshot, load_weights, read_snapshot
+from fsvideo.pretrained import MANIFEST_KEY, NetworkSnapshot, load_network, load_weights, read_snapshot
 from fsvideo.stages import SamplingSettings
 from lightning_modules.base import OptimizerConfig, SavedNetwork, TrainingStage
 from lightning_modules.ema import make_ema_twin
@@ -200,7 +201,7 @@ class DiTModule(TrainingStage):
         their shards. Lightning calls this on every rank (once the device mesh exists) at each trainer entry
         point; a second call finds the work done."""
         networks = [self.dit] + ([self.dit_ema] if self.dit_ema is not None else [])
-        self.parallelize(networks, self.frozen.networks(), self.parallel)
+        self.parallelize(networks, self.frozen.parallelizable(), self.parallel)
         if not any(p.is_meta for p in self.dit.parameters()):
             return
         device = self.trainer.strategy.root_device
@@ -263,6 +264,21 @@ class DiTModule(TrainingStage):
                 )
         if data is not None and data.empty_text is not None:
             self.set_empty_text(*data.empty_text)
+
+    def hold_data_autoencoder(self, purpose: str) -> None:
+        """Hold the FSAE that encoded the DataModule's latents as the frozen ``autoencoder`` (decoding samples for
+        rewards), unless one is held already (``model.init_args.autoencoder``)."""
+        if "autoencoder" in self.frozen:
+            return
+        data = self._latent_data()
+        paths = None if data is None else data.encoder_paths()
+        if paths is None:
+            raise ValueError(
+                f"no FSAE to decode {purpose} samples with: set model.init_args.autoencoder to the FSAE run that "
+                "encoded the latents."
+            )
+        autoencoder = load_network(paths.autoencoder, expected=FSAE).to(self.device)
+        self.frozen.add("autoencoder", autoencoder, replicate=True)
 
     def saved_networks(self) -> dict[str, SavedNetwork]:
         return {self.network_name: SavedNetwork(self.dit, self.dit_ema, self.dit_records())}
@@ -397,14 +413,17 @@ class DiTModule(TrainingStage):
         optimizer, scheduler = self.optimizer_config.build(self.dit.parameters())
         return [optimizer], [scheduler]
 
-    def step_dit(self, loss: torch.Tensor) -> bool:
-        """Backward, the guarded optimizer step of the DiT and its EMA update; False when the step was skipped."""
+    def step_dit(self, loss: torch.Tensor, counts_as_step: bool = True, accumulated: bool = False) -> bool:
+        """Backward, the guarded optimizer step of the DiT and its EMA update; False when the step was skipped
+        (``counts_as_step``, ``accumulated``: as ``guarded_step``)."""
         stepped = self.guarded_step(
             loss,
             self.optimizers(),
             list(self.dit.parameters()),
             self.optimizer_config.grad_clip_norm,
             self.lr_schedulers(),
+            counts_as_step=counts_as_step,
+            accumulated=accumulated,
         )
         if stepped:
             self.update_ema(self.dit_ema, self.dit)

@@ -20,11 +20,16 @@ class FrozenNetworks:
 
     def __init__(self) -> None:
         self._networks: dict[str, nn.Module] = {}
+        self._replicated: set[str] = set()
 
-    def add(self, name: str, network: nn.Module) -> nn.Module:
-        """Freeze ``network`` and hold it under ``name``; returns it."""
+    def add(self, name: str, network: nn.Module, replicate: bool = False) -> nn.Module:
+        """Freeze ``network`` and hold it under ``name``; returns it. ``replicate``: kept whole on every rank and
+        never handed to the parallelize layer (small networks without repeated ``blocks``: reward models, the
+        FSAE)."""
         if name in self._networks:
             raise ValueError(f"a frozen network named {name!r} is already held.")
+        if replicate:
+            self._replicated.add(name)
         network.eval()
         for param in network.parameters():  # TorchScript modules have no requires_grad_()
             param.requires_grad_(False)
@@ -42,6 +47,11 @@ class FrozenNetworks:
 
     def networks(self) -> list[nn.Module]:
         return list(self._networks.values())
+
+    def parallelizable(self) -> list[nn.Module]:
+        """The networks the parallelize layer lays out (sharded or replicated by its config): all but the
+        ``replicate`` ones."""
+        return [network for name, network in self._networks.items() if name not in self._replicated]
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a tensor conversion (``nn.Module._apply``: device moves, dtype casts) to every network."""

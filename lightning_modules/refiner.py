@@ -47,8 +47,9 @@ class RefinerModule(DiTModule):
     """Trains the refiner DiT (module docstring).
 
     Args:
-        base_dit: the frozen base DiT (saved-model folder, run or checkpoint) of the deviation estimate; its
-            recorded latent statistics normalise its input.
+        base_dit: the frozen base DiT (saved-model folder, run or checkpoint) of the deviation estimate and of
+            in-training two-stage samples; its recorded latent statistics normalise its input. None (a stage that
+            needs neither, such as GRPO) holds no base DiT and needs ``conditioning.deviation: false``.
         upsampler: the frozen latent upsampler (folder, run or checkpoint) that makes the drafts.
         conditioning: dynamic mask, replacement, dropout, shuffle and deviation settings.
         **kwargs: ``DiTModule``'s arguments; ``init_from`` is normally the base DiT, so the refiner starts as it.
@@ -58,13 +59,25 @@ class RefinerModule(DiTModule):
 
     def __init__(
         self,
-        base_dit: str,
+        base_dit: str | None,
         upsampler: str,
         conditioning: RefinerTrainingConfig | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.conditioning = conditioning or RefinerTrainingConfig()
+        self.frozen.add("upsampler", load_network(upsampler, LatentUpsampler))
+        self.base_normalization: LatentNormalization | None = None
+        if base_dit is not None:
+            self.base_normalization = self.hold_base_dit(base_dit)
+        elif self.conditioning.deviation:
+            raise ValueError(
+                "conditioning.deviation makes drafts from the base DiT's deviation estimate: set base_dit to the "
+                "base DiT, or conditioning.deviation: false."
+            )
+
+    def hold_base_dit(self, base_dit: str) -> LatentNormalization:
+        """Hold the frozen base DiT (``frozen["base_dit"]``); returns the normalisation of its recorded statistics."""
         base = self.frozen.add("base_dit", load_network(base_dit, DiT))
         if base.config.in_channels != self.dit.config.in_channels:
             raise ValueError(
@@ -77,8 +90,7 @@ class RefinerModule(DiTModule):
                 f"base_dit {base_dit} records no latent statistics; pass a base-DiT run or export."
             )
         stats = LatentStats.from_record(stats)
-        self.base_normalization = LatentNormalization(torch.tensor(stats.mean), torch.tensor(stats.std))
-        self.frozen.add("upsampler", load_network(upsampler, LatentUpsampler))
+        return LatentNormalization(torch.tensor(stats.mean), torch.tensor(stats.std))
 
     def dit_records(self) -> dict[str, Any]:
         return {**super().dit_records(), DYNAMIC_MASK: asdict(self.conditioning.mask)}
@@ -87,6 +99,8 @@ class RefinerModule(DiTModule):
         self, refine: SamplingSettings
     ) -> tuple[DiT, torch.Tensor, torch.Tensor, RefinerChain | None]:
         """The two-stage chain: the frozen base DiT, then the upsampler and this refiner (EMA weights)."""
+        if self.base_normalization is None:
+            raise ValueError("in-training two-stage samples need the base DiT: set model.init_args.base_dit.")
         chain = RefinerChain(
             self.frozen["upsampler"],
             self.inference_dit(),

@@ -12,8 +12,8 @@ round starts from this run's DiT with the finetuned reward. The frame reward sta
 rewards are frozen networks (never in an optimizer or a checkpoint). The round index is logged and recorded with
 the saved DiT.
 
-Reward-hacking watch: every ``watch.every_n_steps`` steps (from step 0) the first ``watch.batches`` held-out
-batches are sampled in full (seeded, the ReFL schedule and guidance) with the weights that are exported, decoded
+Reward-hacking watch (``lightning_modules.reward_watch``): every ``watch.every_n_steps`` steps (from step 0) the
+first ``watch.batches`` held-out batches are sampled in full (seeded, the ReFL schedule and guidance) with the weights that are exported, decoded
 like training samples and scored by the training rewards (``watch/reward_video``, ``watch/reward_frame``) and by
 a second frozen video reward (``watch/reward_watch``): a training reward that keeps rising while the watch reward
 falls is reward hacking. The watch reward defaults to the round's starting video reward, which ReFL never
@@ -23,11 +23,9 @@ VideoAlign) to watch against a reward that was not finetuned on this DiT's video
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from fsvideo.ae import FSAE
 from fsvideo.dit import FrameCondition, image_to_video
@@ -42,27 +40,10 @@ from fsvideo.refl import (
 from fsvideo.rewards import FrameReward, FrameRewardConfig, VideoReward
 from fsvideo.stages import LatentNormalization, sample_conditioned
 from lightning_modules.dit import DiTModule
+from lightning_modules.reward_watch import RewardWatch, RewardWatchConfig
 
 REFL_RECORD = "refl"
 """Record of a saved DiT naming its ReFL round and the rewards it was trained against."""
-
-
-@dataclass
-class RewardWatchConfig:
-    """The held-out reward-hacking watch."""
-
-    every_n_steps: int = 50
-    """Score the held-out set every this many training steps, from step 0 (the round's baseline); 0 disables."""
-    batches: int = 1
-    """Held-out batches scored: the first ones of the DataModule's validation set (clips only)."""
-    reward: str | None = None
-    """The second frozen video reward (saved-model folder or run); None: the round's starting video reward."""
-    seed: int = 0
-    """Seed of the held-out samples' noise (batch i uses seed + i), so every watch compares the same noise."""
-
-    def __post_init__(self) -> None:
-        if self.every_n_steps < 0 or self.batches < 1:
-            raise ValueError("watch.every_n_steps must be >= 0 and watch.batches >= 1.")
 
 
 class ReFLModule(DiTModule):
@@ -99,27 +80,20 @@ class ReFLModule(DiTModule):
         self.round = round
         self.video_reward_path = video_reward
         self.frame_reward_config = frame_reward
-        self.frozen.add("video_reward", load_network(video_reward, expected=VideoReward))
-        self.frozen.add("frame_reward", FrameReward.from_backbone(frame_reward))
+        self.frozen.add("video_reward", load_network(video_reward, expected=VideoReward), replicate=True)
+        self.frozen.add("frame_reward", FrameReward.from_backbone(frame_reward), replicate=True)
         if self.watch.reward is not None:
-            self.frozen.add("watch_reward", load_network(self.watch.reward, expected=VideoReward))
+            self.frozen.add(
+                "watch_reward", load_network(self.watch.reward, expected=VideoReward), replicate=True
+            )
         self.autoencoder_path = autoencoder
         if autoencoder is not None:
-            self.frozen.add("autoencoder", load_network(autoencoder, expected=FSAE))
-        self.watch_set: list[dict[str, Any]] | None = None
+            self.frozen.add("autoencoder", load_network(autoencoder, expected=FSAE), replicate=True)
+        self.reward_watch = RewardWatch(self.watch)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if "autoencoder" in self.frozen:
-            return
-        data = self._latent_data()
-        paths = None if data is None else data.encoder_paths()
-        if paths is None:
-            raise ValueError(
-                "no FSAE to decode ReFL samples with: set model.init_args.autoencoder to the FSAE run that "
-                "encoded the latents."
-            )
-        self.frozen.add("autoencoder", load_network(paths.autoencoder, expected=FSAE).to(self.device))
+        self.hold_data_autoencoder("ReFL")
 
     def dit_records(self) -> dict[str, Any]:
         refl = {
@@ -165,8 +139,8 @@ class ReFLModule(DiTModule):
     # ---- training ------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.watch.every_n_steps and self.global_step % self.watch.every_n_steps == 0:
-            self.run_watch()
+        if self.reward_watch.due(self.global_step):
+            self.reward_watch.run(self, self.watch_scores)
         z0 = self.normalize(batch["latent"])
         prompts = list(batch["caption"])
         step = self.refl.draw_gradient_step()
@@ -197,60 +171,31 @@ class ReFLModule(DiTModule):
 
     # ---- reward-hacking watch ------------------------------------------------------------------------------
 
-    def held_out_batches(self) -> list[dict[str, Any]]:
-        """The first ``watch.batches`` clip batches of the validation set, read once and kept."""
-        if self.watch_set is None:
-            datamodule = self._trainer.datamodule if self._trainer is not None else None
-            loader = [] if datamodule is None else datamodule.val_dataloader()
-            self.watch_set = []
-            for batch in loader:
-                batch = datamodule.on_after_batch_transfer(self._trainer.strategy.batch_to_device(batch), 0)
-                if batch["latent"].shape[2] > 1:
-                    self.watch_set.append(batch)
-                if len(self.watch_set) == self.watch.batches:
-                    break
-            if not self.watch_set:
-                rank_zero_warn("the reward-hacking watch found no held-out clips (data.init_args.val_cache).")
-        return self.watch_set
-
-    @torch.no_grad()
-    def watch_rewards(self) -> dict[str, float] | None:
-        """Mean rewards of the held-out samples (module docstring), or None without held-out clips."""
-        batches = self.held_out_batches()
-        if not batches:
-            return None
+    def watch_scores(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A held-out batch sampled in full (the ReFL schedule and guidance, seeded noise), decoded like training
+        samples, scored by the training rewards and the watch reward (``B`` each)."""
+        z0 = self.normalize(batch["latent"])
+        condition, text, negative, image = self.sampling_inputs(z0, batch)
+        generated = sample_conditioned(
+            self.inference_dit(),
+            condition,
+            text,
+            negative,
+            image,
+            self.refl.steps,
+            self.refl.guidance_scale,
+            self.refl.shift,
+            "euler",
+            generator,
+        )
+        video = self.decode(generated)
+        prompts = list(batch["caption"])
+        r_video, r_frame = score_video(
+            video, prompts, self.frozen["video_reward"], self.frozen["frame_reward"]
+        )
         watch_reward = self.frozen["watch_reward" if "watch_reward" in self.frozen else "video_reward"]
-        totals = {"watch/reward_video": 0.0, "watch/reward_frame": 0.0, "watch/reward_watch": 0.0}
-        count = 0
-        for i, batch in enumerate(batches):
-            z0 = self.normalize(batch["latent"])
-            condition, text, negative, image = self.sampling_inputs(z0, batch)
-            generator = torch.Generator().manual_seed(self.watch.seed + i)
-            generated = sample_conditioned(
-                self.inference_dit(),
-                condition,
-                text,
-                negative,
-                image,
-                self.refl.steps,
-                self.refl.guidance_scale,
-                self.refl.shift,
-                "euler",
-                generator,
-            )
-            video = self.decode(generated)
-            prompts = list(batch["caption"])
-            r_video, r_frame = score_video(
-                video, prompts, self.frozen["video_reward"], self.frozen["frame_reward"]
-            )
-            r_watch = watch_reward.score(video, video[:, :, 0], prompts)
-            totals["watch/reward_video"] += float(r_video.sum())
-            totals["watch/reward_frame"] += float(r_frame.sum())
-            totals["watch/reward_watch"] += float(r_watch.sum())
-            count += z0.shape[0]
-        return {key: value / count for key, value in totals.items()}
-
-    def run_watch(self) -> None:
-        rewards = self.watch_rewards()
-        if rewards is not None:
-            self.log_dict(rewards, on_step=True, on_epoch=False, batch_size=1)
+        return {
+            "watch/reward_video": r_video,
+            "watch/reward_frame": r_frame,
+            "watch/reward_watch": watch_reward.score(video, video[:, :, 0], prompts),
+        }

@@ -1,6 +1,6 @@
 """The README's main command end to end, with even smaller settings: FSAE stage 1 -> latent cache -> DiT
-pretraining -> generate -> latent upsampler -> refiner -> two-stage generate and contact sheet, each a real
-`fsvideo` command, in a scratch folder."""
+pretraining -> generate -> latent upsampler -> refiner -> two-stage generate and contact sheet -> distillation ->
+reward finetuning -> ReFL -> GRPO of the distilled refiner, each a real `fsvideo` command, in a scratch folder."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
         "DEMO_DISTILL_STEPS": "2",
         "DEMO_REWARD_STEPS": "2",
         "DEMO_REFL_STEPS": "2",
+        "DEMO_GRPO_STEPS": "2",
         "FSVIDEO": str(bin_dir / "fsvideo"),
         "PY": sys.executable,
         "WANDB_MODE": "offline",
@@ -58,5 +59,6 @@ def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
     assert stages == ["encode", "dit", "upsample", "refine", "decode"]
     assert (tmp_path / "runs/demo/contact-sheet.png").is_file() and "contact-sheet.png" in done.stdout
     assert (tmp_path / "runs/tiny-dit-refl/checkpoints/last.ckpt").is_file()
+    assert (tmp_path / "runs/tiny-refiner-grpo/export/refiner/config.json").is_file()
     distilled = json.loads((tmp_path / "runs/demo/generated-2x-distilled.json").read_text())
     assert distilled["stages"][3]["nfe"] == 8

@@ -1,0 +1,181 @@
+"""Peak memory and time of one GRPO step against one ReFL step of the same refiner network and clip (spec §2.4.3:
+GRPO "does not need gradient back-propagation through the FSAE decoder, requiring much less GPU memory compared
+with ReFL").
+
+    grpo   what ``lightning_modules.grpo.RefinerGRPOModule`` does per step for this device's share of a group:
+           rollout of ``--samples`` clips on the 8-step grid without gradient (SDE inside a window of
+           ``--window`` steps), the first 16 latent frames decoded and scored by the video reward without
+           gradient, group advantages, then the clipped objective of each window step backpropagated in turn
+           (one DiT evaluation alive at a time)
+    refl   ReFL on the same network (``fsvideo.refl``): the same clips sampled without gradient to a late step,
+           one DiT evaluation with gradient, ẑ0's first 16 latent frames decoded with gradient (checkpointed
+           chunks) and scored by the same video reward with gradient, backward
+
+Both use the tiny presets with random weights (DiT, FSAE, the tiny Qwen2-VL video reward of ``fsvideo rewards
+tiny-models``); only their widths are small, the clip is full length. Each mode runs in its own spawned process;
+peak memory is measured as in ``benchmarks/refl.py`` (GPU: peak allocated above the allocation before the step;
+CPU: rise of the peak RSS above the resident size before the step), weights and inputs excluded. Ratio =
+mode / grpo.
+
+    python benchmarks/grpo.py --help
+    python benchmarks/grpo.py --frames 61 --size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from ae import resident_kib  # benchmarks/ is this script's import root
+
+MODES = ("grpo", "refl")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--frames", type=int, default=121, help="pixel frames of the clip (1 + 4k)")
+    parser.add_argument("--size", type=int, default=128, help="height and width (multiple of 64)")
+    parser.add_argument("--samples", type=int, default=2, help="clips per step on this device (both modes)")
+    parser.add_argument("--steps", type=int, default=8, help="the distilled refiner's steps")
+    parser.add_argument("--window", type=int, default=4, help="GRPO: SDE steps trained per rollout")
+    parser.add_argument("--decoded-latent-frames", type=int, default=16, help="latent frames decoded (both)")
+    parser.add_argument("--chunk", type=int, default=4, help="latent frames per decoder chunk (both)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if (args.frames - 1) % 4 or args.size % 64:
+        parser.error("--frames must be 1 + 4k and --size a multiple of 64")
+    if args.window > args.steps - 1:
+        parser.error("--window must be at most --steps − 1 (the last step is deterministic)")
+    return args
+
+
+def measure(mode: str, args: argparse.Namespace, models: dict[str, Path], results: mp.Queue) -> None:
+    """Runs in a fresh process: one step of ``mode``; reports time and peak memory."""
+    from fsvideo.ae import FSAE, FSAEConfig
+    from fsvideo.dit import DiT, DiTConfig, image_to_video
+    from fsvideo.flow import sigma_schedule
+    from fsvideo.grpo import group_advantages, rollout, window_losses
+    from fsvideo.refl import ReFLConfig, decode_for_reward, predict_with_last_step_gradient
+    from fsvideo.rewards import VideoReward, VideoRewardConfig
+
+    device, cuda = torch.device(args.device), args.device.startswith("cuda")
+    torch.manual_seed(0)
+    fsae_config = FSAEConfig.tiny()
+    autoencoder = FSAE(fsae_config)
+    autoencoder.init_weights()
+    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
+    dit = DiT(DiTConfig.tiny(latent_channels=fsae_config.latent_channels)).to(device)
+    video_reward = VideoReward.from_backbone(
+        VideoRewardConfig(
+            backbone=str(models["qwen2_vl"]),
+            input_fps=24.0,
+            sample_fps=2.0,
+            max_frames=args.frames,
+            frame_height=56,
+            frame_width=56,
+        ),
+        device,
+    ).requires_grad_(False)
+    config = ReFLConfig(
+        steps=args.steps,
+        gradient_steps=(args.steps - 2, args.steps - 2),
+        guidance_scale=1.0,  # the distilled refiner samples without guidance
+        decoded_latent_frames=args.decoded_latent_frames,
+        decoder_chunk_latent_frames=args.chunk,
+        flow_weight=0.0,
+    )
+    b = args.samples
+    prompts = ["a cat walks across the garden in morning light"] * b
+
+    def step(frames: int, size: int) -> None:
+        z0 = torch.randn(b, *fsae_config.latent_shape(frames, size, size), device=device)
+        text = (torch.randn(b, 16, 32, device=device), torch.ones(b, 16, dtype=torch.bool, device=device))
+        image = torch.randn(b, 4, 32, device=device)
+        condition = image_to_video(z0[:, :, :1], z0.shape[2], dit.config.mask_channels)
+        noise = torch.randn_like(z0)
+        if mode == "refl":
+            z0_hat = predict_with_last_step_gradient(
+                dit, condition, text, text, image, noise, config, args.steps - 2
+            )
+            video = decode_for_reward(autoencoder, z0_hat, config)
+            (-video_reward.score(video, video[:, :, 0].detach(), prompts).mean()).backward()
+        else:
+
+            def velocity(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                out = dit(condition.model_input(z), sigma, text[0], image, text[1])
+                return condition.fix_velocity(out.float(), noise)
+
+            free = ~condition.given.to(device).view(1, 1, -1, 1, 1)
+            sigmas = sigma_schedule(args.steps, config.shift)
+            path = rollout(velocity, noise, sigmas, range(0, args.window), 0.7, free=free)
+            with torch.no_grad():
+                video = decode_for_reward(autoencoder, condition.fix_sample(path.sample), config)
+                rewards = video_reward.score(video, video[:, :, 0], prompts)
+            advantages = group_advantages(rewards.view(1, b)).advantages.flatten()
+            for loss in window_losses(velocity, path, advantages, 0.7, 1e-4, free):
+                (loss.loss / args.window).backward()
+        dit.zero_grad(set_to_none=True)
+
+    step(5, fsae_config.spatial_compression)  # warm-up: lazily loaded kernels and allocator pools stay out
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else resident_kib() * 1024
+    start = time.perf_counter()
+    step(args.frames, args.size)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    results.put((seconds, max(peak, 0)))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cpu":
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # freed tensors leave the RSS
+    from fsvideo.rewards import save_tiny_reward_models
+
+    context = mp.get_context("spawn")
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        models = save_tiny_reward_models(folder)
+        for mode in args.modes:
+            results = context.Queue()
+            process = context.Process(target=measure, args=(mode, args, models, results))
+            process.start()
+            process.join()
+            if process.exitcode != 0:
+                raise RuntimeError(f"{mode} failed (exit code {process.exitcode})")
+            rows[mode] = results.get()
+            print(f"  {mode:5s}: {rows[mode][0]:8.2f} s, peak +{rows[mode][1] / 2**20:8.0f} MiB")
+
+    print(
+        f"\ntiny networks, {args.samples} clips 3×{args.frames}×{args.size}×{args.size}, {args.device}, float32; "
+        f"{args.steps}-step grid, GRPO window {args.window}; {args.decoded_latent_frames} latent frames decoded in "
+        f"chunks of {args.chunk} (both); ratio = mode / grpo"
+    )
+    header = f"{'mode':6s} {'step s':>8s} {'peak MiB':>9s} {'memory ×':>9s} {'time ×':>7s}"
+    print(header)
+    print("-" * len(header))
+    reference = rows.get("grpo")
+    for mode, (seconds, peak) in rows.items():
+        memory = f"{peak / max(reference[1], 1):9.2f}" if reference else "        -"
+        speed = f"{seconds / reference[0]:7.2f}" if reference else "      -"
+        print(f"{mode:6s} {seconds:8.2f} {peak / 2**20:9.0f} {memory} {speed}")
+
+
+if __name__ == "__main__":
+    main()
