@@ -36,9 +36,10 @@ gradients of one cp group sum to cp times those of one process on the whole samp
 averages over dp·cp ranks, which is then the mean over the data-parallel ranks: the one-process gradient
 (tests/test_context_parallel.py checks it).
 
-Token count: the t·h·w tokens after patchify must be divisible by cp (a clear error otherwise). Padding would
-need a key mask in self-attention, which takes flash-attn off; for the paper's sizes it is no restriction
-to pick the frame count or resolution to suit (e.g. 21×12×20 tokens divide by 2, 4, 5, 8).
+Token count: any. The N = t·h·w tokens after patchify are split into cp contiguous runs whose lengths differ
+by at most one (the all-to-alls take uneven split sizes), so attention sees exactly the N tokens, with no
+padding and no key mask (which would take flash-attn off); only the final all-gather pads the shorter runs
+by one token and drops the padding. A rank may hold no token at all (a still of fewer tokens than cp).
 
 Contract of a network: its repeated blocks are ``network.blocks``, an ``nn.ModuleList`` that ``forward``
 calls in turn (``fsvideo.dit.DiT`` does). A block may be called again with the same arguments for
@@ -69,6 +70,7 @@ from typing import Literal
 
 import torch
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -173,8 +175,11 @@ class UlyssesSequenceParallel:
 
     ``apply_context_parallel`` sets it as the ``sequence_parallel`` attribute of a network and of its
     attention modules, which call it at the points where one rank's share of the tokens is not enough
-    (module docstring). Every collective is a functional collective with autograd, so the backward pass
-    runs the transposed exchange (all-to-all ↔ all-to-all, all-gather ↔ reduce-scatter).
+    (module docstring). Rank r holds the r-th of cp contiguous runs of the N tokens, the first N mod cp
+    runs one token longer (``token_counts``), so any N works and no token is padded in attention. The
+    hook keeps no state between calls: the callers pass N (a block recomputed by activation checkpointing
+    repeats the same calls). Every collective is a functional collective with autograd, so the backward
+    pass runs the transposed exchange (all-to-all ↔ all-to-all, all-gather ↔ reduce-scatter).
     """
 
     def __init__(self, mesh: DeviceMesh) -> None:
@@ -184,41 +189,48 @@ class UlyssesSequenceParallel:
         self.degree = mesh.size()
         self.rank = mesh.get_local_rank()
 
+    def token_counts(self, total: int) -> list[int]:
+        """Tokens held by each rank, in rank order, of a sequence of ``total``."""
+        base, longer = divmod(total, self.degree)
+        return [base + (rank < longer) for rank in range(self.degree)]
+
     def shard_tokens(self, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's contiguous 1/cp of ``tokens`` along ``dim`` (``B×N×dim`` → ``B×N/cp×dim``; a RoPE
-        table ``N×d/2`` with ``dim=0``)."""
-        count = tokens.shape[dim]
-        if count % self.degree:
-            raise ValueError(
-                f"context parallel splits the {count} tokens (t·h·w after patchify) over {self.degree} ranks, "
-                f"which does not divide them; pick a frame count or resolution whose token count it divides."
-            )
-        return tokens.narrow(dim, self.rank * (count // self.degree), count // self.degree)
+        """This rank's run of ``tokens`` along ``dim`` (``B×N×dim`` → ``B×N_r×dim``; a RoPE table
+        ``N×d/2`` with ``dim=0``)."""
+        counts = self.token_counts(tokens.shape[dim])
+        return tokens.narrow(dim, sum(counts[: self.rank]), counts[self.rank])
 
-    def gather_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``B×N/cp×F`` of every rank → ``B×N×F`` in rank order (backward: reduce-scatter, summed)."""
-        return funcol.all_gather_single(tokens.contiguous(), 1, self.group)
+    def gather_tokens(self, tokens: torch.Tensor, total: int) -> torch.Tensor:
+        """``B×N_r×F`` of every rank → ``B×N×F`` (``N = total``) in token order (backward: reduce-scatter,
+        summed over the ranks)."""
+        counts = self.token_counts(total)
+        longest = counts[0]
+        padded = F.pad(tokens, (0, 0, 0, longest - tokens.shape[1]))  # all-gather takes equal shares
+        gathered = funcol.all_gather_single(padded.contiguous(), 1, self.group)  # (B, cp·longest, F)
+        if longest * self.degree == total:
+            return gathered
+        return torch.cat([run[:, :count] for run, count in zip(gathered.split(longest, 1), counts)], dim=1)
 
-    def heads_to_sequence(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Each ``B×heads×N/cp×d`` (all heads, this rank's tokens) → ``B×heads/cp×N×d`` (this rank's heads,
-        all tokens); one all-to-all for all of them."""
+    def heads_to_sequence(self, *tensors: torch.Tensor, total: int) -> list[torch.Tensor]:
+        """Each ``B×heads×N_r×d`` (all heads, this rank's tokens) → ``B×heads/cp×N×d`` (this rank's heads,
+        all ``total`` tokens); one all-to-all for all of them."""
         batch, heads, count, head_dim = tensors[0].shape
-        # (cp, n, B, heads/cp, N/cp, d): the leading dim is the rank each chunk of heads goes to
-        stacked = (
-            torch.stack(tensors).unflatten(2, (self.degree, heads // self.degree)).permute(2, 0, 1, 3, 4, 5)
-        )
-        received = funcol.all_to_all_single(stacked.contiguous(), None, None, self.group)
-        # (cp, n, B, heads/cp, N/cp, d), the leading dim now the rank the tokens came from → (n, B, heads/cp, N, d)
-        merged = received.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
-        return list(merged.unbind(0))
+        # (cp·N_r, n, B, heads/cp, d): rows [j·N_r, (j+1)·N_r) go to rank j, which computes heads group j
+        stacked = torch.stack(tensors).unflatten(2, (self.degree, heads // self.degree))
+        outgoing = stacked.permute(2, 4, 0, 1, 3, 5).flatten(0, 1).contiguous()
+        received = funcol.all_to_all_single(
+            outgoing, self.token_counts(total), [count] * self.degree, self.group
+        )  # (N, n, B, heads/cp, d): every rank's run of tokens, in rank order = token order
+        return list(received.permute(1, 2, 3, 0, 4).unbind(0))
 
     def sequence_to_heads(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``B×heads/cp×N×d`` → ``B×heads×N/cp×d``: the inverse of ``heads_to_sequence``."""
-        # (cp, B, heads/cp, N/cp, d): the leading dim is the rank whose tokens the chunk holds
-        chunks = tensor.unflatten(2, (self.degree, -1)).permute(2, 0, 1, 3, 4)
-        received = funcol.all_to_all_single(chunks.contiguous(), None, None, self.group)
-        # the leading dim now the rank whose heads the chunk holds → (B, heads, N/cp, d)
-        return received.transpose(0, 1).flatten(1, 2)
+        """``B×heads/cp×N×d`` → ``B×heads×N_r×d``: the inverse of ``heads_to_sequence``."""
+        counts = self.token_counts(tensor.shape[2])
+        outgoing = tensor.permute(2, 0, 1, 3).contiguous()  # (N, B, heads/cp, d): rank j's run goes to j
+        mine = counts[self.rank]
+        received = funcol.all_to_all_single(outgoing, [mine] * self.degree, counts, self.group)
+        # (cp·N_r, B, heads/cp, d), rows of rank j holding head group j → (B, heads, N_r, d)
+        return received.unflatten(0, (self.degree, mine)).permute(2, 0, 3, 1, 4).flatten(1, 2)
 
     def max_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """Elementwise max over the cp ranks (no gradient: for the router maxima of ``router_heatmap``)."""

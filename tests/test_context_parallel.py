@@ -1,6 +1,7 @@
 """Context parallel (Ulysses, fsvideo.parallel) over two gloo processes: a tiny DiT with Layer Memory split over
 two cp ranks gives the one-process outputs, router maxima and (with FSDP over the dp×cp mesh, activation
-checkpointing on) the one-process gradients; bad layouts get one-line errors."""
+checkpointing on) the one-process gradients, also at token counts cp does not divide; bad layouts get one-line
+errors."""
 
 from __future__ import annotations
 
@@ -68,9 +69,24 @@ def _context_parallel_matches_one_process(_: DeviceMesh) -> None:
     with torch.no_grad():
         torch.testing.assert_close(frozen(*inputs), out_plain, **OUTPUT_TOLERANCE)
 
-    # 5. layouts Ulysses cannot split
-    with pytest.raises(ValueError, match="does not divide"):
-        split(torch.randn(1, config.in_channels, 1, 3, 3), *(x[:1] for x in inputs[1:]))
+    # 5. token counts cp does not divide: uneven runs (3 tokens: 2 + 1), and a rank with none (1 token)
+    for frames, width in [(1, 3), (1, 1)]:
+        odd = (torch.randn(2, config.in_channels, frames, 1, width), *inputs[1:])
+        out_split, grads_split = output_and_grads(split, odd)
+        out_plain, grads_plain = output_and_grads(reference, odd)
+        torch.testing.assert_close(out_split, out_plain, **OUTPUT_TOLERANCE)
+        for name, grad in grads_plain.items():
+            summed = grads_split[name].clone()
+            dist.all_reduce(summed)
+            torch.testing.assert_close(
+                summed / 2, grad, **GRAD_TOLERANCE, msg=f"{name} at {frames}×1×{width}"
+            )
+        with torch.no_grad():
+            maxima_split = split(*odd, return_router_weights=True)[1]
+            maxima_plain = reference(*odd, return_router_weights=True)[1]
+        torch.testing.assert_close(maxima_split, maxima_plain, **OUTPUT_TOLERANCE)
+
+    # 6. heads Ulysses cannot split
     three_heads = random_dit(DiTConfig.tiny(num_heads=3, dim=36, layer_memory=False))
     with pytest.raises(ValueError, match="must divide the attention heads"):
         parallelize([], [three_heads], ParallelConfig(context_parallel=2), mesh)

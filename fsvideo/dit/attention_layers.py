@@ -7,7 +7,7 @@ Public API:
     SelfAttention(dim, num_heads, qk_norm, eps)
         forward(x, rotations, kv_source=None) -> ``B×N×dim``; keys/values from ``kv_source`` when
         given (Layer Memory), else from ``x``. With a ``sequence_parallel`` hook (set from outside by
-        ``fsvideo.parallel``) x holds this rank's N/cp tokens, and the kernel runs on heads/cp heads of all
+        ``fsvideo.parallel``) x holds this rank's run of the N tokens, and the kernel runs on heads/cp heads of all
         N tokens between two all-to-alls.
     CrossAttention(dim, num_heads, qk_norm, eps, image_branch)
         forward(x, text, text_mask=None, image=None) -> ``B×N×dim``; text and image results summed.
@@ -56,7 +56,10 @@ class SelfAttention(nn.Module):
         self, x: torch.Tensor, rotations: torch.Tensor, kv_source: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x, kv_source: ``B×N×dim``; rotations: ``N×head_dim/2`` complex (``rope_rotations``). Under
-        context parallel N is this rank's share of the tokens, and so are the rotations."""
+        context parallel x and kv_source hold this rank's run of N_r tokens, rotations all N rows."""
+        num_tokens = rotations.shape[0]
+        if self.sequence_parallel is not None:
+            rotations = self.sequence_parallel.shard_tokens(rotations, dim=0)  # (N_r, hd/2)
         q = apply_rope(self.norm_q(self.to_q(x)), rotations)
         k, v = self.to_kv(x if kv_source is None else kv_source).chunk(2, dim=-1)
         k = apply_rope(self.norm_k(k), rotations)
@@ -64,9 +67,9 @@ class SelfAttention(nn.Module):
         q, k, v = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)  # (B, nh, N, hd)
         if self.sequence_parallel is None:
             return self.to_out(_merge_heads(attention(q, k, v)))
-        # Ulysses: (B, nh, N/cp, hd) → (B, nh/cp, N, hd); norms and RoPE above ran over the whole width
-        q, k, v = self.sequence_parallel.heads_to_sequence(q, k, v)
-        out = self.sequence_parallel.sequence_to_heads(attention(q, k, v))  # (B, nh, N/cp, hd)
+        # Ulysses: (B, nh, N_r, hd) → (B, nh/cp, N, hd); norms and RoPE above ran over the whole width
+        q, k, v = self.sequence_parallel.heads_to_sequence(q, k, v, total=num_tokens)
+        out = self.sequence_parallel.sequence_to_heads(attention(q, k, v))  # (B, nh, N_r, hd)
         return self.to_out(_merge_heads(out))
 
 

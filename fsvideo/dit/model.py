@@ -172,13 +172,14 @@ class DiT(PretrainedNetwork, nn.Module):
         pt, ph, pw = cfg.patch_size
         grid = (frames // pt, height // ph, width // pw)
 
-        # 1. patchify and rotary table; context parallel keeps this rank's share of the tokens and rotations
+        # 1. patchify and rotary table; context parallel keeps this rank's run of N_r tokens, while the table
+        # stays whole: it tells self-attention N, and each self-attention takes its rows (a view)
         x = self.patch_embed(latent_in).flatten(2).transpose(1, 2).contiguous()  # (B, N, dim)
         rotations = rope_rotations(grid, cfg.head_dim, cfg.rope_theta, x.device)  # (N, hd/2) complex
+        num_tokens = x.shape[1]
         sequence_parallel = self.sequence_parallel
         if sequence_parallel is not None:
-            x = sequence_parallel.shard_tokens(x)  # (B, N/cp, dim)
-            rotations = sequence_parallel.shard_tokens(rotations, dim=0)  # (N/cp, hd/2)
+            x = sequence_parallel.shard_tokens(x)  # (B, N_r, dim)
 
         # 2. condition embeddings
         time_emb, time_modulation = self.time_embed(sigma * cfg.timestep_scale)
@@ -206,7 +207,7 @@ class DiT(PretrainedNetwork, nn.Module):
         # 4. head (per token, so on this rank's share: cp times less to gather than before it) and unpatchify
         out = self.head(x, time_emb)  # (B, N, pt·ph·pw·C)
         if sequence_parallel is not None:
-            out = sequence_parallel.gather_tokens(out)  # (B, N/cp, ·) of every rank → (B, N, ·)
+            out = sequence_parallel.gather_tokens(out, num_tokens)  # (B, N_r, ·) of every rank → (B, N, ·)
         out = out.reshape(batch, *grid, pt, ph, pw, cfg.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, cfg.out_channels, frames, height, width)
         if return_router_weights:
