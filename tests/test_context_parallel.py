@@ -1,27 +1,33 @@
 """Context parallel (Ulysses, fsvideo.parallel) over two gloo processes: a tiny DiT with Layer Memory split over
 two cp ranks gives the one-process outputs, router maxima and (with FSDP over the dp×cp mesh, activation
 checkpointing on) the one-process gradients, also at token counts cp does not divide; bad layouts get one-line
-errors."""
+errors; the generation pipeline with its DiTs sharded and context-parallel gives the one-process video."""
 
 from __future__ import annotations
 
 import copy
+import functools
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from run_dirs import write_test_image, write_two_stage_config
 from test_parallel import dit_inputs, output_and_grads, random_dit
 from torch.distributed.device_mesh import DeviceMesh
 from two_process import spawn_two
 
 from fsvideo.dit import DiTConfig
 from fsvideo.parallel import ParallelConfig, data_parallel_rank_and_size, device_mesh, parallelize
+from fsvideo.pipeline import FSVideoPipeline
 
 # Float32 on the CPU: the split computation sums the same products in other orders (attention over all
 # tokens is the same kernel call; the gather's backward adds two partial gradients), so results agree to
 # rounding. Measured max abs differences are far below these bounds (README, "Scaling out").
 OUTPUT_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 GRAD_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
+GENERATION_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+"""Latents and video after a few sampler steps and the decoder: the DiTs' rounding differences, carried on."""
 
 
 def _context_parallel_matches_one_process(_: DeviceMesh) -> None:
@@ -111,3 +117,21 @@ def test_context_parallel_config_errors():
         (1, 4),
         (3, 4),
     ]
+
+
+def _generation_matches_one_process(config: Path, image: Path, _: DeviceMesh) -> None:
+    """The two-stage chain (base DiT, upsampler, refiner): each process generates once alone, then both
+    together with the DiTs sharded and context-parallel."""
+    alone = FSVideoPipeline.from_config(config).generate(image, "a cat walks", steps=2)
+    pipe = FSVideoPipeline.from_config(config)
+    pipe.parallelize(device_mesh("cpu", 2, context_parallel=2))
+    together = pipe.generate(image, "a cat walks", steps=2)
+    torch.testing.assert_close(together.latent, alone.latent, **GENERATION_TOLERANCE)
+    torch.testing.assert_close(together.video, alone.video, **GENERATION_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_generation_on_two_processes_matches_one(tmp_path):
+    config = write_two_stage_config(tmp_path)
+    image = write_test_image(tmp_path / "image.png")
+    spawn_two(functools.partial(_generation_matches_one_process, config, image), tmp_path)
