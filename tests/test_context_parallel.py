@@ -20,6 +20,7 @@ from two_process import spawn_two
 from fsvideo.dit import DiTConfig
 from fsvideo.parallel import ParallelConfig, data_parallel_rank_and_size, device_mesh, parallelize
 from fsvideo.pipeline import FSVideoPipeline
+from lightning_modules.dit import DiTModule
 
 # Float32 on the CPU: the split computation sums the same products in other orders (attention over all
 # tokens is the same kernel call; the gather's backward adds two partial gradients), so results agree to
@@ -110,6 +111,9 @@ def test_context_parallel_config_errors():
         parallelize([random_dit(DiTConfig.tiny())], [], ParallelConfig(context_parallel=2), None)
     with pytest.raises(ValueError, match="must divide the number of processes"):
         device_mesh("cpu", 3, context_parallel=2)
+    stage = DiTModule(DiTConfig.tiny(), parallel=ParallelConfig(fsdp=True, context_parallel=2))
+    with pytest.raises(ValueError, match="ModelParallelStrategy"):
+        stage.configure_model()  # no device mesh: not under ModelParallelStrategy
     # a cp group is consecutive ranks, which share their data-parallel coordinate
     assert [data_parallel_rank_and_size(rank, 8, 2) for rank in (0, 1, 2, 7)] == [
         (0, 4),
