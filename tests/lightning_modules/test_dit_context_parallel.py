@@ -1,5 +1,6 @@
-"""`fsvideo fit` of the tiny DiT with context parallel over two gloo processes (dp1 × cp2: both ranks see the
-same sample, FSDP shards over both) gives the per-step losses of one process training on its own."""
+"""`fsvideo fit` with context parallel over two gloo processes (dp1 × cp2: both ranks see the same sample, FSDP
+shards over both) gives the per-step losses of one process training on its own: the tiny base DiT, and the tiny
+refiner with its frozen base DiT (sharded and context-parallel too) and upsampler."""
 
 from __future__ import annotations
 
@@ -8,44 +9,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from two_process import REPO, SHARDED_FIT_ARGS, run_cli
 
 from callbacks.loss_history import read_loss_history
-from fsvideo.dit import DiTConfig
+from fsvideo.dit import DiT, DiTConfig
 from fsvideo.latent_space import LatentStats
+from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 from lightning_modules.dit import DiTModule
 
 pytestmark = pytest.mark.slow
 
 LOSS_TOLERANCE = 1e-5
-"""Float32 per-step losses of 4 AdamW steps: the split computation rounds differently (about 1e-7 a step)."""
+"""Float32 per-step losses of a few AdamW steps: the split computation rounds differently (about 1e-7 a step)."""
+
+CONTEXT_PARALLEL_ARGS = (*SHARDED_FIT_ARGS, "--model.init_args.parallel.context_parallel=2")
 
 
-def fit(run_dir: Path, cache: Path, init_from: Path, *parallel: str) -> np.ndarray:
-    args = [
-        "fit",
-        "--config",
-        str(REPO / "configs/tiny/dit-pretrain-video.yaml"),
-        f"--trainer.default_root_dir={run_dir}",
-        "--trainer.max_steps=4",
-        *parallel,
-        "--trainer.limit_val_batches=0",
-        "--trainer.enable_progress_bar=false",
-        "--checkpoint.every_n_train_steps=100",
-        "--trainer.callbacks=[callbacks.loss_history.LossHistory, two_process.ReseedAtTrainStart]",
-        "--wandb.mode=disabled",
-        f"--data.init_args.train_cache={cache}",
-        "--data.init_args.val_cache=null",
-        "--data.init_args.image_fraction=null",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batches_per_epoch=4",
-        f"--model.init_args.init_from={init_from}",
-        "--model.init_args.dit.latent_channels=8",
-        "--model.init_args.optimizer.warmup_steps=0",
-    ]
-    run_cli(args, cwd=run_dir.parent)
-    steps, losses = read_loss_history(run_dir)
-    assert list(steps) == [1, 2, 3, 4]
+def fit(run_dir: Path, config: str, steps: int, *args: str) -> np.ndarray:
+    """The per-step losses of ``fsvideo fit --config configs/tiny/<config> *args`` (noise and σ drawn from the
+    same seed whatever the number of processes: ``ReseedAtTrainStart``)."""
+    run_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/tiny" / config),
+            f"--trainer.default_root_dir={run_dir}",
+            f"--trainer.max_steps={steps}",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            "--checkpoint.every_n_train_steps=100",
+            "--trainer.callbacks=[callbacks.loss_history.LossHistory, two_process.ReseedAtTrainStart]",
+            "--wandb.mode=disabled",
+            "--model.init_args.dit.latent_channels=8",
+            "--model.init_args.optimizer.warmup_steps=0",
+            *args,
+        ],
+        cwd=run_dir.parent,
+    )
+    logged_steps, losses = read_loss_history(run_dir)
+    assert list(logged_steps) == list(range(1, steps + 1))
     return losses
 
 
@@ -55,14 +58,49 @@ def test_context_parallel_fit_matches_one_process(tiny_latents, tmp_path):
     source.set_latent_stats(LatentStats([0.0] * 8, [1.0] * 8, 1))
     init_from = tmp_path / "init.ckpt"
     torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, init_from)
-    cache = tiny_latents.train.root
+    data = [
+        f"--data.init_args.train_cache={tiny_latents.train.root}",
+        "--data.init_args.val_cache=null",
+        "--data.init_args.image_fraction=null",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batches_per_epoch=4",
+        f"--model.init_args.init_from={init_from}",
+    ]
+    one = fit(tmp_path / "one", "dit-pretrain-video.yaml", 4, *data)
+    two = fit(tmp_path / "cp2", "dit-pretrain-video.yaml", 4, *data, *CONTEXT_PARALLEL_ARGS)
+    np.testing.assert_allclose(two, one, rtol=0, atol=LOSS_TOLERANCE)
 
-    one = fit(tmp_path / "one", cache, init_from)
-    two = fit(
-        tmp_path / "cp2",
-        cache,
-        init_from,
-        *SHARDED_FIT_ARGS,
-        "--model.init_args.parallel.context_parallel=2",
+
+def test_context_parallel_refiner_fit_matches_one_process(tiny_latents, sample_shards, tmp_path):
+    torch.manual_seed(0)
+    base = DiT(DiTConfig.tiny())
+    with torch.no_grad():  # off the zero-initialised head, so the base predicts something
+        for param in base.parameters():
+            param.add_(0.05 * torch.randn(param.shape))
+    stats = LatentStats([0.2] * 8, [1.5] * 8, 0)
+    base_dir = base.save_pretrained(tmp_path / "base", records={"latent_stats": stats.record()})
+    upsampler = LatentUpsampler(LatentUpsamplerConfig.tiny(latent_channels=8)).save_pretrained(
+        tmp_path / "up"
     )
+    encoders = {
+        "autoencoder": str(tiny_latents.fsae_run),
+        "text_encoder": str(tiny_latents.encoders["text"]),
+        "image_encoder": str(tiny_latents.encoders["image"]),
+        "text_len": 16,
+    }
+    args = [
+        f"--model.init_args.init_from={base_dir}",
+        f"--model.init_args.base_dit={base_dir}",
+        f"--model.init_args.upsampler={upsampler}",
+        f"--data.init_args.encoders={yaml.safe_dump(encoders, default_flow_style=True).strip()}",
+        f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
+        f"--data.init_args.train_shards={sample_shards.root / 'train-000000.tar'}",
+        "--data.init_args.val_shards=null",
+        "--data.init_args.num_frames=5",
+        "--data.init_args.buckets.size=128",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batches_per_epoch=3",
+    ]
+    one = fit(tmp_path / "one", "refiner-pretrain.yaml", 3, *args)
+    two = fit(tmp_path / "cp2", "refiner-pretrain.yaml", 3, *args, *CONTEXT_PARALLEL_ARGS)
     np.testing.assert_allclose(two, one, rtol=0, atol=LOSS_TOLERANCE)
