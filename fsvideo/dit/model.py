@@ -205,7 +205,7 @@ class DiT(PretrainedNetwork, nn.Module):
                 router_maxima.append(router_max)
 
         # 4. head (per token, so on this rank's share: cp times less to gather than before it) and unpatchify
-        out = self.head(x, time_emb)  # (B, N, pt·ph·pw·C)
+        out = self.head(x, time_emb)  # (B, N, pt·ph·pw·C); N_r tokens under context parallel
         if sequence_parallel is not None:
             out = sequence_parallel.gather_tokens(out, num_tokens)  # (B, N_r, ·) of every rank → (B, N, ·)
         out = out.reshape(batch, *grid, pt, ph, pw, cfg.out_channels)
