@@ -1,6 +1,6 @@
 """`fsvideo fit` with context parallel over two gloo processes (dp1 × cp2: both ranks see the same sample, FSDP
-shards over both) gives the per-step losses of one process training on its own: the tiny base DiT, and the tiny
-refiner with its frozen base DiT (sharded and context-parallel too) and upsampler."""
+shards over both) gives the per-step losses of one process training on its own: the tiny base DiT, the tiny
+refiner with its frozen base DiT (sharded and context-parallel too) and upsampler, and CFG distillation."""
 
 from __future__ import annotations
 
@@ -71,16 +71,18 @@ def test_context_parallel_fit_matches_one_process(tiny_latents, tmp_path):
     np.testing.assert_allclose(two, one, rtol=0, atol=LOSS_TOLERANCE)
 
 
-def test_context_parallel_refiner_fit_matches_one_process(tiny_latents, sample_shards, tmp_path):
+def refiner_args(tiny_latents, sample_shards, directory: Path) -> list[str]:
+    """Arguments of a tiny refiner-stage fit: a random DiT (the refiner's start, its frozen base DiT and a
+    distillation teacher), a random upsampler, the tiny encoders and a sample shard decoded at 128²."""
     torch.manual_seed(0)
-    base = DiT(DiTConfig.tiny())
-    with torch.no_grad():  # off the zero-initialised head, so the base predicts something
-        for param in base.parameters():
+    dit = DiT(DiTConfig.tiny())
+    with torch.no_grad():  # off the zero-initialised head, so the DiT predicts something
+        for param in dit.parameters():
             param.add_(0.05 * torch.randn(param.shape))
     stats = LatentStats([0.2] * 8, [1.5] * 8, 0)
-    base_dir = base.save_pretrained(tmp_path / "base", records={"latent_stats": stats.record()})
+    dit_dir = dit.save_pretrained(directory / "dit", records={"latent_stats": stats.record()})
     upsampler = LatentUpsampler(LatentUpsamplerConfig.tiny(latent_channels=8)).save_pretrained(
-        tmp_path / "up"
+        directory / "up"
     )
     encoders = {
         "autoencoder": str(tiny_latents.fsae_run),
@@ -88,9 +90,9 @@ def test_context_parallel_refiner_fit_matches_one_process(tiny_latents, sample_s
         "image_encoder": str(tiny_latents.encoders["image"]),
         "text_len": 16,
     }
-    args = [
-        f"--model.init_args.init_from={base_dir}",
-        f"--model.init_args.base_dit={base_dir}",
+    return [
+        f"--model.init_args.init_from={dit_dir}",
+        f"--model.init_args.base_dit={dit_dir}",
         f"--model.init_args.upsampler={upsampler}",
         f"--data.init_args.encoders={yaml.safe_dump(encoders, default_flow_style=True).strip()}",
         f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
@@ -101,6 +103,21 @@ def test_context_parallel_refiner_fit_matches_one_process(tiny_latents, sample_s
         "--data.init_args.num_workers=0",
         "--data.init_args.batches_per_epoch=3",
     ]
+
+
+def test_context_parallel_refiner_fit_matches_one_process(tiny_latents, sample_shards, tmp_path):
+    args = refiner_args(tiny_latents, sample_shards, tmp_path)
     one = fit(tmp_path / "one", "refiner-pretrain.yaml", 3, *args)
     two = fit(tmp_path / "cp2", "refiner-pretrain.yaml", 3, *args, *CONTEXT_PARALLEL_ARGS)
+    np.testing.assert_allclose(two, one, rtol=0, atol=LOSS_TOLERANCE)
+
+
+def test_context_parallel_cfg_distillation_matches_one_process(tiny_latents, sample_shards, tmp_path):
+    """CFG distillation: the student trains against the guided velocity of the frozen teacher; the student,
+    the teacher and the base DiT run context-parallel."""
+    args = refiner_args(tiny_latents, sample_shards, tmp_path)
+    teacher = args[0].split("=", 1)[1]
+    args += [f"--model.init_args.teacher={teacher}"]
+    one = fit(tmp_path / "one", "refiner-distill-cfg.yaml", 2, *args)
+    two = fit(tmp_path / "cp2", "refiner-distill-cfg.yaml", 2, *args, *CONTEXT_PARALLEL_ARGS)
     np.testing.assert_allclose(two, one, rtol=0, atol=LOSS_TOLERANCE)
