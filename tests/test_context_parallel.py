@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from run_dirs import write_test_image, write_two_stage_config
+from run_dirs import write_test_image, write_tiny_runs, write_two_stage_config
 from test_parallel import dit_inputs, output_and_grads, random_dit
 from torch.distributed.device_mesh import DeviceMesh
-from two_process import spawn_two
+from two_process import REPO, spawn_two
 
 from fsvideo.dit import DiTConfig
 from fsvideo.parallel import ParallelConfig, data_parallel_rank_and_size, device_mesh, parallelize
@@ -139,3 +143,39 @@ def test_generation_on_two_processes_matches_one(tmp_path):
     config = write_two_stage_config(tmp_path)
     image = write_test_image(tmp_path / "image.png")
     spawn_two(functools.partial(_generation_matches_one_process, config, image), tmp_path)
+
+
+@pytest.mark.slow
+def test_generate_command_under_torchrun_writes_from_the_first_process(tmp_path):
+    config = write_tiny_runs(tmp_path)
+    image = write_test_image(tmp_path / "image.png")
+    out = tmp_path / "two.mp4"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        str(REPO / "cli.py"),
+        "generate",
+    ]
+    args = [
+        "--image",
+        str(image),
+        "--prompt",
+        "a cat",
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--steps",
+        "2",
+    ]
+    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        done.stdout.count("wrote ") == 1
+        and "2 processes: DiTs FSDP-sharded, context parallel 2" in done.stdout
+    )
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["processes"] == 2 and record["nfe"] == 4
