@@ -13,7 +13,7 @@ reward model) — and ``parallelize`` transforms them in place, in this fixed or
    whole prediction and computes the loss as one process would. It goes first because it changes what a
    block computes: checkpointing recomputes the all-to-alls and compile traces them.
 1. activation checkpointing, trained networks only: each block's activations are recomputed in the backward
-   pass instead of kept. It goes first so that compile (2) sees the checkpointed block and FSDP (3) gathers
+   pass instead of kept. It comes before compile so that compile (2) sees the checkpointed block and FSDP (3) gathers
    a block's parameters again for its recomputation.
 2. ``torch.compile`` per block, every network: blocks of the same structure share one graph (Layer Memory's
    blocks differ: block l routes over l sources, so each gets its own), and the code between blocks
@@ -95,7 +95,8 @@ class ParallelConfig:
     while it compiles."""
     fsdp: bool = False
     """Shard every network with FSDP2 (``fully_shard`` per block, then the root) over the data-parallel
-    ranks; needs a device mesh (``trainer.strategy: ModelParallelStrategy``)."""
+    ranks (over all ranks, dp × cp, with ``context_parallel``); needs a device mesh (``trainer.strategy:
+    ModelParallelStrategy``)."""
     mixed_precision: Literal["bf16"] | None = None
     """With ``fsdp``: "bf16" gathers and computes with bf16 parameters while the sharded parameters, the
     optimizer and the gradient reduction stay float32 (``MixedPrecisionPolicy(param_dtype=bfloat16,
