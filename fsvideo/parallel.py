@@ -13,8 +13,8 @@ reward model) — and ``parallelize`` transforms them in place, in this fixed or
    whole prediction and computes the loss as one process would. It goes first because it changes what a
    block computes: checkpointing recomputes the all-to-alls and compile traces them.
 1. activation checkpointing, trained networks only: each block's activations are recomputed in the backward
-   pass instead of kept. It comes before compile so that compile (2) sees the checkpointed block and FSDP (3) gathers
-   a block's parameters again for its recomputation.
+   pass instead of kept. It comes before compile (2), which then sees the checkpointed block, and FSDP (3)
+   gathers a block's parameters again for its recomputation.
 2. ``torch.compile`` per block, every network: blocks of the same structure share one graph (Layer Memory's
    blocks differ: block l routes over l sources, so each gets its own), and the code between blocks
    (embeddings, Layer Memory history, head) stays eager, so no graph spans the whole network.
