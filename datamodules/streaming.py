@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.shards import PassPlan, WorkerSlot, expand_shards, plan_pass, read_shard
 from datamodules.skips import SKIP_REASONS, SkipCounter, SkipSample, log_keys
+from fsvideo.parallel import data_parallel_rank_and_size
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +398,14 @@ class StreamDataModule(LightningDataModule):
         return batch
 
     def rank_and_world(self) -> tuple[int, int]:
+        """This process's data-parallel rank and the number of data-parallel ranks: under context parallel
+        (the module's ``parallel.context_parallel``) the ranks of one cp group read the same batches."""
         if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
+            parallel = getattr(self.trainer.lightning_module, "parallel", None)
+            context_parallel = getattr(parallel, "context_parallel", 1)
+            return data_parallel_rank_and_size(
+                self.trainer.global_rank, self.trainer.world_size, context_parallel
+            )
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
@@ -423,10 +430,11 @@ class StreamDataModule(LightningDataModule):
             cursors = dict(loader.cursors) if loader is not None else {}
         mine = {"num_workers": self.num_workers, "cursors": cursors}
         rank, world_size = self.rank_and_world()
-        if world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * world_size
-            dist.all_gather_object(gathered, mine)
-            ranks = dict(enumerate(gathered))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every process takes part; the cp ranks of one data-parallel rank hold the same cursors
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (rank, mine))
+            ranks = dict(gathered)
         else:
             ranks = {rank: mine}
         return {"world_size": world_size, "ranks": ranks}

@@ -7,6 +7,14 @@ Writes ``out.mp4`` (H.264) and ``out.json`` beside it (the prompt, every setting
 the timings), shows a progress bar over the denoising steps and prints the seconds spent loading the
 networks, encoding (FSAE encoder, text and image encoders), in the DiT and decoding. Settings come from
 the config's ``generation:`` section; flags override them.
+
+On N processes (N GPUs, or N CPU processes over gloo), launched by torchrun::
+
+    torchrun --nproc-per-node 2 --no-python fsvideo generate --image in.png --prompt "…" --out out.mp4
+
+the DiTs are sharded with FSDP over the N processes and run context-parallel over all of them (dp 1 × cp N,
+``FSVideoPipeline.parallelize``; N must divide the DiTs' heads), each process on its own GPU
+(``LOCAL_RANK``); the first process writes the video and prints.
 """
 
 from __future__ import annotations
@@ -14,14 +22,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
 from fsvideo.distill import refine_settings
 from fsvideo.dit import DiT
 from fsvideo.flow import SAMPLERS
+from fsvideo.parallel import device_mesh
 from fsvideo.pipeline import PRECISIONS, RESIZE_MODES, FSVideoPipeline, PipelineConfig, load_image
 from fsvideo.pretrained import read_records
 from fsvideo.video_io import write_mp4
@@ -101,10 +114,40 @@ def generate_main(argv: list[str] | None = None) -> None:
     _generate(args, out)  # what it raises for bad input, ``fsvideo`` reports in one line
 
 
+def _join_processes(config: PipelineConfig) -> tuple[PipelineConfig, DeviceMesh | None]:
+    """Under torchrun (``WORLD_SIZE`` > 1): join the process group (NCCL on CUDA, gloo on the CPU), give this
+    process its own GPU, and return the mesh the DiTs run on (dp 1 × cp N); alone: ``config`` and None."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return config, None
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    device_type = torch.device(device).type
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return dataclasses.replace(config, device=device), device_mesh(device_type, world_size, world_size)
+
+
 def _generate(args: argparse.Namespace, out: Path) -> None:
     config = PipelineConfig.from_yaml(args.config)
     runtime = {name: getattr(args, name) for name in ("device", "offload", "precision")}
     config = dataclasses.replace(config, **{k: v for k, v in runtime.items() if v is not None})
+    config, mesh = _join_processes(config)
+    try:
+        _generate_on(config, mesh, args, out)
+    finally:
+        if mesh is not None:
+            dist.destroy_process_group()
+
+
+def _generate_on(
+    config: PipelineConfig, mesh: DeviceMesh | None, args: argparse.Namespace, out: Path
+) -> None:
+    """Generate with ``config`` (on the processes of ``mesh`` when given) and write ``out`` from the first."""
     refine = {
         name: getattr(args, f"refine_{name}") for name in ("steps", "guidance_scale", "shift", "sampler")
     }
@@ -121,14 +164,26 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
     start = time.perf_counter()
     pipe = FSVideoPipeline.from_config(config)
     pipe.check_settings(settings)
+    if mesh is not None:
+        pipe.parallelize(mesh)
     load_time = time.perf_counter() - start
-    print(
-        f"loaded the networks in {load_time:.2f} s (device {pipe.device}, {pipe.precision}, offload {pipe.offload})"
+    writes = mesh is None or dist.get_rank() == 0
+    processes = (
+        ""
+        if mesh is None
+        else f", {mesh.size()} processes: DiTs FSDP-sharded, context parallel {mesh.size()}"
     )
+    if writes:
+        print(
+            f"loaded the networks in {load_time:.2f} s (device {pipe.device}, {pipe.precision}, offload "
+            f"{pipe.offload}{processes})"
+        )
 
     total = settings.steps + (pipe.chain.settings.steps if pipe.chain is not None else 0)
-    with tqdm(total=total, desc="denoising", unit="step") as bar:
+    with tqdm(total=total, desc="denoising", unit="step", disable=not writes) as bar:
         result = pipe.generate(image, args.prompt, settings, callback=lambda *_: bar.update(1))
+    if not writes:
+        return
     frames = result.frames_uint8()
     write_mp4(out, frames, fps=args.fps)
 
@@ -159,6 +214,7 @@ def _generate(args: argparse.Namespace, out: Path) -> None:
             "refiner": config.refiner,
         },
         "device": str(pipe.device),
+        "processes": 1 if mesh is None else mesh.size(),
         "precision": pipe.precision,
         "offload": pipe.offload,
         "tiling": dataclasses.asdict(config.tiling) if config.tiling is not None else None,

@@ -45,6 +45,7 @@ Public API:
     PipelineConfig          what to load and how to run it; ``PipelineConfig.from_yaml(path)``
     FSVideoPipeline(autoencoder, dit, text_encoder, image_encoder, latent_mean, latent_std, ...)
         .from_config(config_or_yaml_path)       networks loaded from saved-model folders, runs, encoder folders
+        .parallelize(mesh)                      the DiTs sharded (FSDP) and context-parallel over N processes
         .stages                                 the ordered ``fsvideo.stages`` it runs
         .generate(image, prompt, settings=None, callback=None, **overrides) -> GenerationResult
     GenerationResult        video ``3×T×H×W`` in [-1, 1], latent, first-frame features, timings, stages;
@@ -67,6 +68,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from fsvideo.ae import FSAE, TilingConfig
 from fsvideo.distill import refine_settings
@@ -74,6 +76,7 @@ from fsvideo.dit import DiT
 from fsvideo.encoders import ImageEncoder, TextEncoder
 from fsvideo.flow import StepCallback, resolution_shift
 from fsvideo.latent_space import LATENT_STATS, check_fsae_for_dit
+from fsvideo.parallel import CONTEXT_PARALLEL, ParallelConfig, parallelize
 from fsvideo.pretrained import build_network, load_network, read_records, read_snapshot
 from fsvideo.refiner import DYNAMIC_MASK, DynamicMaskConfig
 from fsvideo.stages import (
@@ -557,6 +560,21 @@ class FSVideoPipeline:
             defaults=config.generation,
             chain=chain,
         )
+
+    def parallelize(self, mesh: DeviceMesh) -> None:
+        """Run the DiTs (base and refiner) over the processes of ``mesh`` (``fsvideo.parallel.device_mesh``):
+        sharded with FSDP over all of them and context-parallel over its "context_parallel" dimension. The
+        encoders, the upsampler and the FSAE stay whole on every process (a small share of the time and
+        memory next to the DiTs). Every process then calls ``generate`` with the same arguments and gets the
+        same video (the noise comes from a CPU generator seeded alike)."""
+        if self.offload:
+            raise ValueError(
+                "offload moves whole networks to the device one at a time; over several processes the DiTs "
+                "are sharded instead: set offload: false (--no-offload)."
+            )
+        dits = [self.dit] + ([self.chain.refiner] if self.chain is not None else [])
+        config = ParallelConfig(fsdp=True, context_parallel=mesh[CONTEXT_PARALLEL].size())
+        parallelize([], dits, config, mesh)
 
     def generated_size(self, settings: GenerationSettings) -> tuple[int, int]:
         """``(H, W)`` the video is generated at: the settings' size, or with the two-stage chain each side rounded

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from fsvideo.parallel import ParallelConfig, parallelize
+from fsvideo.parallel import ParallelConfig, device_mesh, parallelize
 from fsvideo.pretrained import MANIFEST_KEY, network_manifest_entry, save_snapshot, snapshot_of
 from lightning_modules.ema import update_ema
 from lightning_modules.frozen import FrozenNetworks
@@ -85,6 +85,8 @@ class TrainingStage(L.LightningModule):
         self.register_buffer("skipped_nonfinite", torch.zeros((), dtype=torch.long), persistent=True)
         self.frozen = FrozenNetworks()
         """Networks used but not trained (``lightning_modules.frozen``): out of checkpoints and optimizers."""
+        self._context_parallel_mesh: DeviceMesh | None = None
+        """The (data_parallel, context_parallel) mesh, built once by the first ``parallelize``."""
 
     def _apply(self, fn, recurse: bool = True):
         # device moves and casts of the module reach the frozen networks it keeps outside its tree
@@ -190,25 +192,43 @@ class TrainingStage(L.LightningModule):
             update_ema(ema, network, self.ema_decay)
 
     def parallelize(self, trained: list[nn.Module], frozen: list[nn.Module], config: ParallelConfig) -> None:
-        """``fsvideo.parallel.parallelize`` over this run's data-parallel ranks (from ``configure_model``)."""
-        parallelize(trained, frozen, config, self._data_parallel_mesh() if config.fsdp else None)
+        """``fsvideo.parallel.parallelize`` over this run's ranks (from ``configure_model``): FSDP over the
+        data-parallel ranks, or with ``context_parallel`` over a (data_parallel, context_parallel) mesh of all
+        ranks built here (Lightning's mesh is (data_parallel, tensor_parallel) with tensor parallel 1)."""
+        mesh = None
+        if config.fsdp or config.context_parallel > 1:
+            mesh = self._parallel_mesh(config)
+        parallelize(trained, frozen, config, mesh)
 
-    def _data_parallel_mesh(self) -> DeviceMesh:
+    def _parallel_mesh(self, config: ParallelConfig) -> DeviceMesh:
         mesh = self.device_mesh
         if mesh is None:
             raise ValueError(
-                "model.init_args.parallel.fsdp: true needs trainer.strategy: "
-                "lightning.pytorch.strategies.ModelParallelStrategy (tensor_parallel_size: 1), or fsdp: false."
+                "model.init_args.parallel.fsdp: true and context_parallel > 1 need trainer.strategy: "
+                "lightning.pytorch.strategies.ModelParallelStrategy (tensor_parallel_size: 1), or fsdp: false "
+                "and context_parallel: 1."
             )
         if mesh.ndim > 1:  # ModelParallelStrategy's (data_parallel, tensor_parallel) mesh
             if mesh["tensor_parallel"].size() != 1:
                 raise ValueError(
                     f"fsdp shards over data-parallel ranks only, but the mesh is {tuple(mesh.shape)} "
                     f"{mesh.mesh_dim_names}; set trainer.strategy.init_args.tensor_parallel_size: 1 and "
-                    "data_parallel_size to the number of GPUs."
+                    "data_parallel_size to the number of GPUs (context parallel takes its ranks from them: "
+                    "model.init_args.parallel.context_parallel)."
                 )
             mesh = mesh["data_parallel"]
-        return mesh
+        if config.context_parallel == 1:
+            return mesh
+        if not config.fsdp:
+            raise ValueError(
+                "context_parallel > 1 trains with model.init_args.parallel.fsdp: true: FSDP reduces the "
+                "gradients over the ranks of the mesh."
+            )
+        if self._context_parallel_mesh is None:
+            self._context_parallel_mesh = device_mesh(
+                self.trainer.strategy.root_device.type, mesh.size(), config.context_parallel
+            )
+        return self._context_parallel_mesh
 
 
 def capture_rng_states() -> dict[str, Any]:

@@ -129,7 +129,8 @@ class DiTModule(TrainingStage):
             lightning.pytorch.strategies.ModelParallelStrategy``, ``tensor_parallel_size: 1``) both networks
             are built on the meta device and materialised shard by shard in ``configure_model``, and
             ``init_from`` is read memory-mapped, each rank taking its shard, so no process ever holds a whole
-            copy of a 14B model.
+            copy of a 14B model. ``context_parallel`` cp > 1 (with ``fsdp``) splits each sample's tokens over cp
+            ranks that read the same batches (README "Scaling out").
         ema_decay: decay of the EMA weights used for validation and export; 0 disables EMA.
         max_nonfinite_in_row: stop after this many consecutive non-finite steps.
     """

@@ -1,5 +1,5 @@
-"""Two CPU processes over gloo, for the tests of sharded (FSDP2) networks: `fsvideo fit` runs with
-ModelParallelStrategy, and worker functions with a device mesh of their own."""
+"""Two CPU processes over gloo, for the tests of sharded (FSDP2) and context-parallel networks: `fsvideo fit`
+runs with ModelParallelStrategy, and worker functions with a device mesh of their own."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 
 SHARDED_FIT_ARGS = (
     "--trainer.devices=2",
@@ -27,9 +29,19 @@ SHARDED_FIT_ARGS = (
 """`fsvideo fit` arguments that shard the DiT and its EMA twin with FSDP2 over two CPU processes."""
 
 
+class ReseedAtTrainStart(L.Callback):
+    """Seeds every generator again with the run's seed when training starts (``--trainer.callbacks+=
+    two_process.ReseedAtTrainStart``): runs whose networks were initialised on different numbers of shards
+    (random init of CPU DTensors draws per shard) then draw the same noise and σ."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        L.seed_everything(int(os.environ["PL_GLOBAL_SEED"]), verbose=False)
+
+
 def run_cli(args: list[str], cwd: Path) -> None:
-    """``cli.py *args`` in a fresh process (one thread per process: two ranks share the CPU cores)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    """``cli.py *args`` in a fresh process (one thread per process: two ranks share the CPU cores); the
+    tests folder is importable, for callbacks such as ``ReseedAtTrainStart``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(REPO / "cli.py"), *args],
         cwd=cwd,

@@ -6,12 +6,16 @@ weight, see ``fsvideo.convert.wan``): one matmul instead of two, forward and bac
 Public API:
     SelfAttention(dim, num_heads, qk_norm, eps)
         forward(x, rotations, kv_source=None) -> ``B×N×dim``; keys/values from ``kv_source`` when
-        given (Layer Memory), else from ``x``.
+        given (Layer Memory), else from ``x``. With a ``sequence_parallel`` hook (set from outside by
+        ``fsvideo.parallel``) x holds this rank's run of the N tokens, and the kernel runs on heads/cp heads of all
+        N tokens between two all-to-alls.
     CrossAttention(dim, num_heads, qk_norm, eps, image_branch)
         forward(x, text, text_mask=None, image=None) -> ``B×N×dim``; text and image results summed.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +23,9 @@ from torch import nn
 from fsvideo.attention import attention
 from fsvideo.dit.norms import FP32RMSNorm
 from fsvideo.dit.rope import apply_rope
+
+if TYPE_CHECKING:
+    from fsvideo.parallel import UlyssesSequenceParallel
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -42,16 +49,27 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm_q = _norm(dim, qk_norm, eps)
         self.norm_k = _norm(dim, qk_norm, eps)
+        self.sequence_parallel: UlyssesSequenceParallel | None = None
+        """Set from outside (``fsvideo.parallel.apply_context_parallel``) to run context-parallel."""
 
     def forward(
         self, x: torch.Tensor, rotations: torch.Tensor, kv_source: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x, kv_source: ``B×N×dim``; rotations: ``N×head_dim/2`` complex (``rope_rotations``)."""
+        """x, kv_source: ``B×N×dim``; rotations: ``N×head_dim/2`` complex (``rope_rotations``). Under
+        context parallel x and kv_source hold this rank's run of N_r tokens, rotations all N rows."""
+        num_tokens = rotations.shape[0]
+        if self.sequence_parallel is not None:
+            rotations = self.sequence_parallel.shard_tokens(rotations, dim=0)  # (N_r, hd/2)
         q = apply_rope(self.norm_q(self.to_q(x)), rotations)
         k, v = self.to_kv(x if kv_source is None else kv_source).chunk(2, dim=-1)
         k = apply_rope(self.norm_k(k), rotations)
         heads = self.num_heads
-        out = attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads))
+        q, k, v = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)  # (B, nh, N, hd)
+        if self.sequence_parallel is None:
+            return self.to_out(_merge_heads(attention(q, k, v)))
+        # Ulysses: (B, nh, N_r, hd) → (B, nh/cp, N, hd); norms and RoPE above ran over the whole width
+        q, k, v = self.sequence_parallel.heads_to_sequence(q, k, v, total=num_tokens)
+        out = self.sequence_parallel.sequence_to_heads(attention(q, k, v))  # (B, nh, N_r, hd)
         return self.to_out(_merge_heads(out))
 
 

@@ -103,8 +103,9 @@ class DiTBlock(nn.Module):
                 raise ValueError(f"block {self.layer_index} has a Layer Memory router and needs the history")
             mixture, weights = self.router(x_mod, history)
             kv_source = _modulate(mixture, shift_attn, scale_attn, self.norm_attn)
-            if return_router_max:
-                router_max = weights.detach().amax(dim=1)  # (B, l)
+            if return_router_max:  # (B, l); 0 (weights are ≥ 0) on a context-parallel rank holding no token
+                batch, tokens, sources = weights.shape
+                router_max = weights.detach().amax(dim=1) if tokens else weights.new_zeros(batch, sources)
         x = _gated_residual(x, self.self_attn(x_mod, rotations, kv_source), gate_attn)
 
         # 2. cross-attention to text and image tokens (no modulation, no gate)

@@ -116,7 +116,7 @@ class LayerMemoryRouter(nn.Module):
         if len(history) != self.num_sources:
             raise ValueError(f"router expects {self.num_sources} hidden states, got {len(history)}")
         routed = self.proj(x_modulated).float().softmax(dim=-1)  # (B, N, l)
-        latest = torch.zeros_like(routed[0, 0])
+        latest = routed.new_zeros(routed.shape[-1])  # (l,)
         latest[-1] = 1.0
         weights = torch.lerp(latest.expand_as(routed), routed, self.gate.float())
         return _WeightedSum.apply(weights.to(history[0].dtype), *history), weights

@@ -8,6 +8,8 @@ Public API:
         init_weights()     (re-)initialise every parameter; call after ``to_empty`` on a meta-built model
         routers            the Layer Memory routers, blocks 2 … L (empty without Layer Memory)
         blocks             the transformer blocks, which ``fsvideo.parallel`` checkpoints, compiles and shards
+        sequence_parallel  None, or the context-parallel hook ``fsvideo.parallel`` sets (with each self-attention's):
+                           the forward then runs on this rank's share of the tokens and gathers the output
 
 Timestep convention: ``sigma`` is the flow-matching noise level in [0, 1] (σ = 1 is pure noise,
 ``fsvideo.flow``); the model embeds ``σ·config.timestep_scale`` (1000, Wan's timestep).
@@ -22,6 +24,8 @@ Meta-device build::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -32,6 +36,9 @@ from fsvideo.dit.layer_memory import LayerMemoryRouter
 from fsvideo.dit.norms import FP32LayerNorm
 from fsvideo.dit.rope import rope_rotations
 from fsvideo.pretrained import PretrainedNetwork
+
+if TYPE_CHECKING:
+    from fsvideo.parallel import UlyssesSequenceParallel
 
 
 class DiTHead(nn.Module):
@@ -65,6 +72,8 @@ class DiT(PretrainedNetwork, nn.Module):
         )
         self.blocks = nn.ModuleList(DiTBlock(config, index) for index in range(1, config.num_layers + 1))
         self.head = DiTHead(config.dim, config.out_channels * config.patch_volume, config.eps)
+        self.sequence_parallel: UlyssesSequenceParallel | None = None
+        """Set from outside (``fsvideo.parallel.apply_context_parallel``) to run context-parallel."""
         self.init_weights()
 
     @torch.no_grad()
@@ -163,9 +172,14 @@ class DiT(PretrainedNetwork, nn.Module):
         pt, ph, pw = cfg.patch_size
         grid = (frames // pt, height // ph, width // pw)
 
-        # 1. patchify and rotary table
+        # 1. patchify and rotary table; context parallel keeps this rank's run of N_r tokens, while the table
+        # stays whole: it tells self-attention N, and each self-attention takes its rows (a view)
         x = self.patch_embed(latent_in).flatten(2).transpose(1, 2).contiguous()  # (B, N, dim)
         rotations = rope_rotations(grid, cfg.head_dim, cfg.rope_theta, x.device)  # (N, hd/2) complex
+        num_tokens = x.shape[1]
+        sequence_parallel = self.sequence_parallel
+        if sequence_parallel is not None:
+            x = sequence_parallel.shard_tokens(x)  # (B, N_r, dim)
 
         # 2. condition embeddings
         time_emb, time_modulation = self.time_embed(sigma * cfg.timestep_scale)
@@ -186,10 +200,14 @@ class DiT(PretrainedNetwork, nn.Module):
             if history is not None:
                 history.append(x)
             if router_max is not None:
+                if sequence_parallel is not None:  # the max over this rank's tokens → over all tokens
+                    router_max = sequence_parallel.max_over_ranks(router_max)
                 router_maxima.append(router_max)
 
-        # 4. head and unpatchify
-        out = self.head(x, time_emb)  # (B, N, pt·ph·pw·C)
+        # 4. head (per token, so on this rank's share: cp times less to gather than before it) and unpatchify
+        out = self.head(x, time_emb)  # (B, N, pt·ph·pw·C); N_r tokens under context parallel
+        if sequence_parallel is not None:
+            out = sequence_parallel.gather_tokens(out, num_tokens)  # (B, N_r, ·) of every rank → (B, N, ·)
         out = out.reshape(batch, *grid, pt, ph, pw, cfg.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, cfg.out_channels, frames, height, width)
         if return_router_weights:
