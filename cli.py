@@ -7,6 +7,7 @@
     fsvideo data inspect 'data/sample/train-{000000..000003}.tar'
     fsvideo generate --config configs/pipeline/tiny.yaml --image first.png --prompt "…" --out out.mp4
     fsvideo export runs/tiny-dit-pretrain-video --out models/   # saved-model folders of a run's networks
+    fsvideo estimate --config configs/dit/pretrain-video512.yaml --gpus 1 8  # memory per GPU, nothing allocated
     fsvideo rewards pool --inputs inputs.jsonl --pipeline configs/pipeline/… --out pool/   # pairs to label
     fsvideo report id --run "no reg=runs/a" --run "video VF=runs/b" --shards 'data/sample/val-000000.tar'
 
@@ -29,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.checkpoint_io import AtomicCheckpointIO, AtomicModelParallelStrategy
 from callbacks.logging import resolve_wandb_mode, wandb_run_id
 from fsvideo.checkpoints import RUN_CONFIG
 
@@ -128,7 +129,18 @@ class FSVideoCLI(LightningCLI):
             trainer.plugins = [
                 {"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}
             ]
+        # ModelParallelStrategy writes its distributed checkpoints in place; its subclass swaps them in whole
+        if getattr(trainer.strategy, "class_path", None) in MODEL_PARALLEL_CLASS_PATHS:
+            trainer.strategy.class_path = (
+                f"{AtomicModelParallelStrategy.__module__}.{AtomicModelParallelStrategy.__name__}"
+            )
 
+
+MODEL_PARALLEL_CLASS_PATHS = {
+    "lightning.pytorch.strategies.ModelParallelStrategy",
+    "lightning.pytorch.strategies.model_parallel.ModelParallelStrategy",
+}
+"""How a config names Lightning's ModelParallelStrategy (replaced by ``AtomicModelParallelStrategy``)."""
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "FSVIDEO_DEBUG"
@@ -226,6 +238,10 @@ def _dispatch(args: list[str]) -> None:
         from fsvideo.export import export_main
 
         return export_main(args[1:])
+    if args[:1] == ["estimate"]:
+        from fsvideo.estimate import estimate_main
+
+        return estimate_main(args[1:])
     if args[:1] == ["rewards"]:
         from fsvideo.rewards.commands import rewards_main
 
