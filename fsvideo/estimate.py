@@ -11,6 +11,10 @@ has ``parallel.fsdp`` (else every GPU holds everything):
 
 - parameters: float32, ``4·P/n`` bytes (FSDP keeps float32 shards; bf16 is the compute dtype);
 - gradients: float32 shards, ``4·P/n``; AdamW: ``exp_avg`` + ``exp_avg_sq``, ``8·P/n``; EMA twin ``4·P/n``;
+- autocast's bf16 weight copies: under ``bf16-mixed`` autocast casts every float32 weight it multiplies and
+  caches the copy for the rest of the step (manual optimization runs the backward inside it), ``2·P``
+  bytes of *unsharded* weights even with FSDP, unless ``parallel.mixed_precision: bf16`` makes FSDP gather
+  bf16 weights, which autocast then uses as they are;
 - FSDP gather buffers: two blocks unsharded at a time (the one running and the prefetched one), their
   parameters in the gather dtype (bf16 with ``mixed_precision``, else float32) and in backward their float32
   gradients before the reduce-scatter;
@@ -39,6 +43,8 @@ DiT call, ×2; norms, RoPE, modulation and softmax are not counted (what ``torch
 Public API:
     dit_forward_flops(config, grid, text_len, image_len, batch=1) -> int
     block_activation_bytes(config, tokens, batch, text_len, image_len) -> int
+    training_activation_bytes(config, tokens, batch, text_len, image_len, checkpointing) -> int
+    dit_inference_bytes(config, tokens, batch) -> int
     estimate_training(config_path, gpus, frames=None, height=None, width=None) -> Estimate
     estimate_pipeline(config_path, frames=None, height=None, width=None) -> Estimate
     PEAK_BF16_TFLOPS, device_peak_tflops(device_name)
@@ -69,9 +75,9 @@ IMAGE_TOKENS = 257
 """CLIP ViT-H/14 tokens of one image (256 patches + class token): the image condition's length."""
 DEFAULT_TEXT_LEN = 512
 """UMT5 tokens per prompt when the config does not say (Wan's text_len)."""
-ACT_BYTES_PER_TOKEN_WIDTH = 60
+ACT_BYTES_PER_TOKEN_WIDTH = 76
 """Bytes per token and channel of ``dim`` that a block keeps for backward in bf16 autocast (see
-``block_activation_bytes``)."""
+``block_activation_bytes``; measured: ``benchmarks/estimate_vs_measured.py``)."""
 ACT_BYTES_PER_TOKEN_FFN = 4
 """Bytes per token and channel of ``ffn_dim``: the FFN's bf16 hidden state before and after the GELU."""
 
@@ -155,26 +161,40 @@ def dit_forward_flops(
 def block_activation_bytes(config: DiTConfig, tokens: int, batch: int, text_len: int, image_len: int) -> int:
     """Bytes one DiT block keeps for its backward pass under bf16 autocast, ``batch × tokens`` tokens.
 
-    Per token, in channels of ``dim``: float32 norm inputs of the three LayerNorms (3×4 B), the bf16 modulated
-    inputs of self-attention and FFN and the cross-attention's normed input (3×2 B), q, k, v before and after
-    the q/k RMSNorm and RoPE (6×2 B; the norms' float32 inputs 2×4 B), the attention outputs of self- and both
-    cross-attentions (3×2 B), the gated updates kept for the gates' gradients (2×2 B), Layer Memory's mixture
-    and its normalised and modulated copies (4 + 2×2 B) — about ``ACT_BYTES_PER_TOKEN_WIDTH`` — plus the FFN's
-    hidden state before and after the GELU (2×2 B a channel of ``ffn_dim``). The cross-attention's text and
-    image keys / values (``(L + M)·2·dim`` bf16 a clip) are added; the router weights (``l`` floats a token)
-    are negligible."""
+    Per token, in channels of ``dim``: float32 inputs and outputs of the three LayerNorms, which the float32
+    modulation keeps (6×4 B), the bf16 modulated inputs of self-attention and FFN and the cross-attention's
+    normed input (3×2 B), q, k, v before and after the q/k RMSNorm and RoPE (6×2 B; the norms' float32 inputs
+    2×4 B), the attention outputs of self- and both cross-attentions (3×2 B), the gated updates kept for the
+    gates' gradients (2×2 B), Layer Memory's mixture and its normalised and modulated copies (4 + 2×2 B): about
+    72 B, ``ACT_BYTES_PER_TOKEN_WIDTH`` = 76 as measured on small DiTs (``benchmarks/estimate_vs_measured.py``:
+    75.8 and 74.5 at width 256) — plus the FFN's hidden state before and after the GELU (2×2 B a channel of
+    ``ffn_dim``; measured 4.0). The cross-attention's text and image keys / values (``(L + M)·2·dim`` bf16 a
+    clip) are added; the router weights (``l`` floats a token) are negligible."""
     per_token = ACT_BYTES_PER_TOKEN_WIDTH * config.dim + ACT_BYTES_PER_TOKEN_FFN * config.ffn_dim
     context = (text_len + (image_len if config.image_dim is not None else 0)) * 2 * config.dim * 2
     return batch * (tokens * per_token + context)
 
 
+def training_activation_bytes(
+    config: DiTConfig, tokens: int, batch: int, text_len: int, image_len: int, checkpointing: bool
+) -> int:
+    """Peak activation bytes of one bf16 training step of the DiT: every block's ``block_activation_bytes``,
+    or with activation checkpointing each block's bf16 input (kept for the recomputation, and the Layer Memory
+    history) plus one block's activations while it is recomputed."""
+    block = block_activation_bytes(config, tokens, batch, text_len, image_len)
+    if checkpointing:
+        return config.num_layers * 2 * batch * tokens * config.dim + block
+    return config.num_layers * block
+
+
 def dit_inference_bytes(config: DiTConfig, tokens: int, batch: int) -> int:
-    """Peak bytes of one no-grad bf16 DiT call besides its weights: Layer Memory's history of every block's
-    output (``(L+1)·B·N·dim``; without Layer Memory two hidden states) plus a block's largest moment, the FFN
-    hidden state before and after the GELU with the block's input and modulated input."""
+    """Peak bytes of one no-grad DiT call with bf16 weights besides the weights: Layer Memory's history of every
+    block's output (``(L+1)·B·N·dim`` bf16; without Layer Memory two hidden states) plus a block's largest
+    moment, about ``16·dim + 4·ffn_dim`` bytes a token (float32 norm input and output and the modulated input
+    beside q, k, v; the FFN's hidden state before and after the GELU)."""
     width = 2 * batch * tokens * config.dim
     history = (config.num_layers + 1 if config.layer_memory else 2) * width
-    return history + 2 * (2 * batch * tokens * config.ffn_dim) + 2 * width
+    return history + batch * tokens * (16 * config.dim + 4 * config.ffn_dim)
 
 
 def meta_parameters(network: nn.Module) -> int:
@@ -360,6 +380,14 @@ def estimate_training(
     ]
     if ema:
         rows.append(MemoryRow("EMA twin", 4 * trained // shards, f"float32 / {shards}"))
+    if not (fsdp and parallel.get("mixed_precision") == "bf16"):
+        rows.append(
+            MemoryRow(
+                "autocast bf16 weight copies",
+                2 * trained,
+                "bf16-mixed casts each float32 weight once a step and keeps the copy until the step ends",
+            )
+        )
     if fsdp:
         block = _block_parameters(dit)
         rows.append(
@@ -392,9 +420,9 @@ def estimate_training(
             count, note = _image_encoder_parameters(encoders.get("image_encoder"))
             rows.append(MemoryRow("data: image encoder", dtype_bytes * count, f"{count / 1e9:.2f}B, {note}"))
     block_bytes = block_activation_bytes(dit_config, tokens, batch, text_len, IMAGE_TOKENS)
-    kept_inputs = dit_config.num_layers * 2 * batch * tokens * dit_config.dim
-    without = dit_config.num_layers * block_bytes
-    with_checkpointing = kept_inputs + block_bytes
+    sizes = (dit_config, tokens, batch, text_len, IMAGE_TOKENS)
+    without = training_activation_bytes(*sizes, checkpointing=False)
+    with_checkpointing = training_activation_bytes(*sizes, checkpointing=True)
     rows.append(
         MemoryRow(
             "activations, no checkpointing",

@@ -27,9 +27,11 @@ SHARDED_FIT_ARGS = (
 """`fsvideo fit` arguments that shard the DiT and its EMA twin with FSDP2 over two CPU processes."""
 
 
-def run_cli(args: list[str], cwd: Path) -> None:
-    """``cli.py *args`` in a fresh process (one thread per process: two ranks share the CPU cores)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def run_cli(args: list[str], cwd: Path, import_paths: tuple[Path, ...] = ()) -> None:
+    """``cli.py *args`` in a fresh process (one thread per process: two ranks share the CPU cores);
+    ``import_paths`` are added to the repository on its ``PYTHONPATH`` (for callbacks the tests define)."""
+    pythonpath = os.pathsep.join(str(path) for path in (REPO, *import_paths))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(REPO / "cli.py"), *args],
         cwd=cwd,

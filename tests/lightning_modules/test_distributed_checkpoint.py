@@ -2,10 +2,12 @@
 training the tiny DiT with FSDP2 write one DCP folder per save (each rank its shards, rank 0 `meta.pt` with the
 network manifest); the run resumes from one on two processes exactly (the weights and optimizer state equal
 those of the run that went on uninterrupted), resumes on one process (data position re-split), and exports, in
-one process without a process group, to the folder a one-file checkpoint of the same state exports to."""
+one process without a process group, to the folder a one-file checkpoint of the same state exports to. Every
+rank resumes its own random generators, so the resumed losses are those of the uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -42,7 +44,7 @@ def fit(run_dir: Path, cache: Path, max_steps: int, processes: int, *extra: str)
         "--trainer.strategy.save_distributed_checkpoint=true",
         "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks=[]",
+        "--trainer.callbacks=[step_recorder.StepRecorder]",
         "--checkpoint.every_n_train_steps=2",
         "--checkpoint.filename=step-{step}",
         "--checkpoint.auto_insert_metric_name=false",
@@ -56,17 +58,29 @@ def fit(run_dir: Path, cache: Path, max_steps: int, processes: int, *extra: str)
         "--model.init_args.dit.latent_channels=8",
         *extra,
     ]
-    run_cli(args, cwd=run_dir.parent)
+    run_cli(args, cwd=run_dir.parent, import_paths=(Path(__file__).parent,))
+
+
+def recorded_losses(run_dir: Path, steps: set[int]) -> list[tuple]:
+    """(step, sample keys, loss) of every rank's steps in ``steps`` (ranks append in either order)."""
+    rows = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    return sorted((r["step"], r["keys"], r["metrics"]["train/loss"]) for r in rows if r["step"] in steps)
 
 
 def dcp_state(folder: Path) -> dict[str, torch.Tensor]:
     return dict(DistributedCheckpointWeights(folder).items())
 
 
-def test_distributed_checkpoint_resumes_on_two_and_one_processes_and_exports(tiny_latents, tmp_path):
+@pytest.fixture(scope="module")
+def straight(tiny_latents, tmp_path_factory) -> Path:
+    """A 2-process run of 4 steps with a distributed checkpoint every 2."""
+    run_dir = tmp_path_factory.mktemp("dcp") / "straight"
+    fit(run_dir, tiny_latents.train.root, 4, 2)
+    return run_dir
+
+
+def test_distributed_checkpoint_resumes_exactly_and_exports(straight, tiny_latents, tmp_path):
     cache = tiny_latents.train.root
-    straight = tmp_path / "straight"
-    fit(straight, cache, 4, 2)
     checkpoints = straight / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-2.ckpt", "step-4.ckpt"]
     for name in ("last.ckpt", "step-2.ckpt"):
@@ -94,6 +108,10 @@ def test_distributed_checkpoint_resumes_on_two_and_one_processes_and_exports(tin
         f"--ckpt_path={resumed / 'checkpoints' / 'step-2.ckpt'}",
         "--trainer.strategy.save_distributed_checkpoint=false",
     )
+    straight_losses, resumed_losses = recorded_losses(straight, {3, 4}), recorded_losses(resumed, {3, 4})
+    assert [r[:2] for r in resumed_losses] == [r[:2] for r in straight_losses], "the same samples per rank"
+    for (_, _, a), (_, _, b) in zip(straight_losses, resumed_losses):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
     one_file = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert one_file["global_step"] == 4
     assert final.keys() == one_file["state_dict"].keys()
@@ -109,9 +127,12 @@ def test_distributed_checkpoint_resumes_on_two_and_one_processes_and_exports(tin
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     network = load_network(checkpoints / "step-4.ckpt", expected=DiT)  # every reader takes the folder itself
-    torch.testing.assert_close(network.state_dict()["head.head.weight"], a["head.head.weight"])
+    torch.testing.assert_close(network.state_dict()["head.proj.weight"], a["head.proj.weight"])
 
-    # resume on one process: DCP reshards, the data position is re-split
+
+def test_distributed_checkpoint_resumes_on_one_process(straight, tiny_latents, tmp_path):
+    """DCP reshards the two ranks' shards for one; the data position is re-split."""
+    cache, checkpoints = tiny_latents.train.root, straight / "checkpoints"
     single = tmp_path / "single"
     shutil.copytree(checkpoints / "step-2.ckpt", single / "checkpoints" / "step-2.ckpt")
     fit(single, cache, 4, 1, f"--ckpt_path={single / 'checkpoints' / 'step-2.ckpt'}")
