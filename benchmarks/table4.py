@@ -80,11 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(factory, device: torch.device, seed: int) -> torch.nn.Module:
-    """Built on the meta device, materialised on ``device`` with random weights moved off their init (the
-    DiT head starts at zero, which would make every velocity zero)."""
+def build(factory, device: torch.device, seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Built on the meta device, materialised on ``device`` in ``dtype`` (a 16B DiT is never float32 anywhere:
+    two of those would not fit in the GPU, nor beside each other in host memory) with random weights moved off
+    their init (the DiT head starts at zero, which would make every velocity zero)."""
     with torch.device("meta"):
-        network = factory()
+        network = factory().to(dtype)
     network.to_empty(device=device)
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -119,17 +120,17 @@ class Networks:
 def build_pipeline(
     args: argparse.Namespace, networks: Networks, device: torch.device, offload: bool, encoders: dict
 ) -> FSVideoPipeline:
-    """Random-weight networks; with ``offload`` they start on the CPU."""
+    """Random-weight networks, initialised on ``device`` (fast) one at a time; with ``offload`` each is moved to
+    the CPU at once, where the pipeline keeps it between its stages."""
     home = torch.device("cpu") if offload else device
     tiny = args.tiny
     ae_config, dit_config, up_config = networks.autoencoder, networks.dit, networks.upsampler
     channels = ae_config.latent_channels
     dtype = torch.float32 if tiny else torch.bfloat16
-    # the DiTs are built in bf16 directly: two float32 16B networks would not fit beside each other
-    dit = build(lambda: DiT(dit_config), home, seed=0).to(dtype)
-    refiner = build(lambda: DiT(dit_config), home, seed=1).to(dtype)
+    dit = build(lambda: DiT(dit_config), device, seed=0, dtype=dtype).to(home)
+    refiner = build(lambda: DiT(dit_config), device, seed=1, dtype=dtype).to(home)
     chain = RefinerChain(
-        build(lambda: LatentUpsampler(up_config), home, seed=2),
+        build(lambda: LatentUpsampler(up_config), device, seed=2).to(home),
         refiner,
         torch.zeros(channels),
         torch.ones(channels),
@@ -137,7 +138,7 @@ def build_pipeline(
         SamplingSettings(args.refine_steps, 1.0, shift=5.0, sampler="euler"),
     )
     return FSVideoPipeline(
-        build(lambda: FSAE(ae_config), home, seed=3),
+        build(lambda: FSAE(ae_config), device, seed=3).to(home),
         dit,
         TextEncoder.from_pretrained(encoders["text"], text_len=args.text_len),
         ImageEncoder.from_pretrained(encoders["image"]),
