@@ -105,7 +105,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         dcp.save(shards, checkpoint_id=staging)
         if self.is_global_zero:
             atomic_torch_save(checkpoint, staging / DISTRIBUTED_META_FILE)
-            _swap_in(staging, path)
+            swap_in_checkpoint(staging, path)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -114,7 +114,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         return super().load_checkpoint(checkpoint_path, weights_only=True)
 
 
-def _swap_in(staging: Path, path: Path) -> None:
+def swap_in_checkpoint(staging: Path, path: Path) -> None:
     """Rename the complete folder ``staging`` to ``path``, replacing what ``path`` was (see the class)."""
     replaced = path.parent / DCP_REPLACED
     shutil.rmtree(replaced, ignore_errors=True)

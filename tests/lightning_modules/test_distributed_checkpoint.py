@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from two_process import REPO, SHARDED_FIT_ARGS, run_cli
 
+from callbacks.checkpoint_io import DCP_REPLACED, swap_in_checkpoint
 from fsvideo.checkpoints import (
     DistributedCheckpointWeights,
     check_distributed_checkpoint,
@@ -27,8 +28,6 @@ from fsvideo.checkpoints import (
 from fsvideo.dit import DiT
 from fsvideo.export import export_run
 from fsvideo.pretrained import load_network
-
-pytestmark = pytest.mark.slow
 
 
 def fit(run_dir: Path, cache: Path, max_steps: int, processes: int, *extra: str) -> None:
@@ -79,6 +78,7 @@ def straight(tiny_latents, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_distributed_checkpoint_resumes_exactly_and_exports(straight, tiny_latents, tmp_path):
     cache = tiny_latents.train.root
     checkpoints = straight / "checkpoints"
@@ -130,6 +130,7 @@ def test_distributed_checkpoint_resumes_exactly_and_exports(straight, tiny_laten
     torch.testing.assert_close(network.state_dict()["head.proj.weight"], a["head.proj.weight"])
 
 
+@pytest.mark.slow
 def test_distributed_checkpoint_resumes_on_one_process(straight, tiny_latents, tmp_path):
     """DCP reshards the two ranks' shards for one; the data position is re-split."""
     cache, checkpoints = tiny_latents.train.root, straight / "checkpoints"
@@ -162,3 +163,19 @@ def test_incomplete_distributed_checkpoint_is_refused_in_one_line(tmp_path):
         FileNotFoundError, match="no .metadata; the distributed checkpoint folder is incomplete"
     ):
         export_run(folder, tmp_path / "out")
+
+
+def test_swap_replaces_a_checkpoint_folder_or_file_whole(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for old in ("folder", "file"):
+        path = checkpoints / f"last-{old}.ckpt"
+        if old == "folder":
+            (path / "old").mkdir(parents=True)
+        else:
+            path.write_bytes(b"one-file checkpoint")
+        staging = checkpoints / ".dcp-staging"
+        staging.mkdir()
+        (staging / "meta.pt").write_bytes(b"new")
+        swap_in_checkpoint(staging, path)
+        assert sorted(p.name for p in path.iterdir()) == ["meta.pt"]
+        assert not staging.exists() and not (checkpoints / DCP_REPLACED).exists()
