@@ -310,9 +310,10 @@ def _video_size(
         "width": (data.get("buckets") or {}).get("size"),
     }
     for callback in (config.get("trainer") or {}).get("callbacks") or []:
-        args = callback.get("init_args") or {} if isinstance(callback, dict) else {}
-        if "num_frames" in args and "height" in args:
-            found = {k: found[k] or args.get({"frames": "num_frames"}.get(k, k)) for k in found}
+        args = (callback.get("init_args") or {}) if isinstance(callback, dict) else {}
+        if "num_frames" in args and "height" in args:  # a sample callback: the stage's clip size
+            sample = {"frames": args["num_frames"], "height": args["height"], "width": args.get("width")}
+            found = {k: found[k] or sample[k] for k in found}
     given = {"frames": frames, "height": height, "width": width}
     size = {k: given[k] or found[k] for k in found}
     missing = [k for k, v in size.items() if not v]
