@@ -272,11 +272,16 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def _network_config(path: str | None, config_class: type, preset: Any, what: str) -> tuple[Any, str]:
-    """The architecture saved at ``path`` when it is on this machine, else ``preset`` (the paper's)."""
+def _network_config(path: str | None, preset: Any, what: str) -> tuple[Any, str]:
+    """The architecture saved at ``path`` when it is on this machine (its config only: no weight is read), else
+    ``preset`` (the paper's)."""
     if path is not None and Path(path).exists():
-        snapshot = read_snapshot(path)
-        return config_class(**snapshot.config), f"{what} from {path}"
+        config = read_snapshot(path).build_config()
+        if not isinstance(config, type(preset)):
+            raise ValueError(
+                f"{path} holds a {type(config).__name__}, not the {what} ({type(preset).__name__})."
+            )
+        return config, f"{what} from {path}"
     return preset, f"{what}: paper preset ({path or 'no path'} not here)"
 
 
@@ -367,7 +372,7 @@ def estimate_training(
     encoders = data.get("encoders") or {}
     batch = int(data.get("batch_size", 1))
     text_len = int(encoders.get("text_len", DEFAULT_TEXT_LEN))
-    ae_config, ae_note = _network_config(encoders.get("autoencoder"), FSAEConfig, FSAEConfig.paper(), "FSAE")
+    ae_config, ae_note = _network_config(encoders.get("autoencoder"), FSAEConfig.paper(), "FSAE")
     grid = _latent_grid(*_video_size(config, frames, height, width, str(config_path)), ae_config)
     tokens = math.ceil(grid[0] / cp) * grid[1] * grid[2] // dit_config.patch_volume
 
@@ -400,15 +405,13 @@ def estimate_training(
         )
     frozen_shards = gpus if fsdp and parallel.get("frozen", "shard") == "shard" else 1
     if args.get("base_dit"):
-        base_config, note = _network_config(args["base_dit"], DiTConfig, dit_config, "base DiT")
+        base_config, note = _network_config(args["base_dit"], dit_config, "base DiT")
         count = meta_parameters(build_on_meta(DiT, base_config))
         rows.append(
             MemoryRow("frozen base DiT", 4 * count // frozen_shards, f"{note}, float32 / {frozen_shards}")
         )
     if args.get("upsampler"):
-        up_config, note = _network_config(
-            args["upsampler"], LatentUpsamplerConfig, LatentUpsamplerConfig.paper(), "upsampler"
-        )
+        up_config, note = _network_config(args["upsampler"], LatentUpsamplerConfig.paper(), "upsampler")
         count = meta_parameters(build_on_meta(LatentUpsampler, up_config))
         rows.append(MemoryRow("frozen upsampler", 4 * count, f"{note}, float32, replicated"))
     if encoders:
@@ -496,8 +499,8 @@ def estimate_pipeline(
         height or generation.height,
         width or generation.width,
     )
-    ae_config, ae_note = _network_config(config.autoencoder, FSAEConfig, FSAEConfig.paper(), "FSAE")
-    dit_config, dit_note = _network_config(config.dit, DiTConfig, DiTConfig.paper(), "DiT")
+    ae_config, ae_note = _network_config(config.autoencoder, FSAEConfig.paper(), "FSAE")
+    dit_config, dit_note = _network_config(config.dit, DiTConfig.paper(), "DiT")
     s = ae_config.spatial_compression * (2 if config.refiner is not None else 1)
     # the pipeline generates the next size up that it can, and crops (FSVideoPipeline.generated_size)
     size = (math.ceil(height / s) * s, math.ceil(width / s) * s)
@@ -530,10 +533,8 @@ def estimate_pipeline(
         ),
     ]
     if config.refiner is not None:
-        up_config, up_note = _network_config(
-            config.upsampler, LatentUpsamplerConfig, LatentUpsamplerConfig.paper(), "upsampler"
-        )
-        ref_config, ref_note = _network_config(config.refiner, DiTConfig, dit_config, "refiner")
+        up_config, up_note = _network_config(config.upsampler, LatentUpsamplerConfig.paper(), "upsampler")
+        ref_config, ref_note = _network_config(config.refiner, dit_config, "refiner")
         up_shape = (1, up_config.latent_channels, *base_grid)
         stages["upsample"] = [
             MemoryRow("upsampler weights", weights(build_on_meta(LatentUpsampler, up_config), bf16), up_note),

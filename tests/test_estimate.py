@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from run_dirs import write_two_stage_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,9 +21,12 @@ from fsvideo.estimate import (
     block_activation_bytes,
     device_peak_tflops,
     dit_forward_flops,
+    dit_inference_bytes,
+    estimate_pipeline,
     estimate_training,
     meta_parameters,
 )
+from fsvideo.pretrained import load_network
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,3 +101,18 @@ def test_device_peaks():
     assert device_peak_tflops("NVIDIA H100 PCIe") == 756.5
     assert device_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert device_peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_pipeline_estimate_reads_the_saved_networks(tmp_path):
+    config = write_two_stage_config(tmp_path)
+    estimate = estimate_pipeline(config, frames=5, height=128, width=128)
+    rows = {r.name: r for r in estimate.rows}
+    dit = load_network(yaml.safe_load(config.read_text())["dit"], DiT)
+    assert rows["base DiT: DiT weights"].bytes == 2 * meta_parameters(dit)  # bf16 on the GPU
+    assert "from" in rows["base DiT: DiT weights"].note, "the saved DiT's architecture, not the paper preset"
+    # base at 64², refiner at 128²: latent 2×1×1 and 2×2×2 tokens, the refiner with its guidance batch of 2
+    assert rows["base DiT: DiT activations"].bytes == dit_inference_bytes(dit.config, 2, 2)
+    assert rows["refine: refiner activations"].bytes == dit_inference_bytes(dit.config, 8, 2)
+    assert rows["decode: decode activations"].bytes > 0 and rows["upsample: upsampler activations"].bytes > 0
+    totals = estimate.totals
+    assert totals["offload (one stage's networks at a time)"] < totals["everything on the GPU"]
