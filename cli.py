@@ -8,6 +8,7 @@ for them) plus the data, generate, export, rewards and report subcommands, which
     fsvideo data inspect 'data/sample/train-{000000..000003}.tar'
     fsvideo generate --config configs/pipeline/tiny.yaml --image first.png --prompt "…" --out out.mp4
     fsvideo export runs/tiny-dit-pretrain-video --out models/   # saved-model folders of a run's networks
+    fsvideo estimate --config configs/dit/pretrain-video512.yaml --gpus 1 8  # memory per GPU, nothing allocated
     fsvideo rewards pool --inputs inputs.jsonl --pipeline configs/pipeline/… --out pool/   # pairs to label
     fsvideo report id --run "no reg=runs/a" --run "video VF=runs/b" --shards 'data/sample/val-000000.tar'
 
@@ -127,6 +128,10 @@ def _dispatch(args: list[str]) -> None:
         from fsvideo.export import export_main
 
         return export_main(args[1:])
+    if args[:1] == ["estimate"]:
+        from fsvideo.estimate import estimate_main
+
+        return estimate_main(args[1:])
     if args[:1] == ["rewards"]:
         from fsvideo.rewards.commands import rewards_main
 

@@ -2,6 +2,11 @@
 
     fsvideo export runs/tiny-dit-pretrain-video --out models/     # → models/dit/ (EMA weights)
     fsvideo export runs/x/checkpoints/step-200.ckpt --out models/ --raw --name dit
+    fsvideo export runs/x/checkpoints/last.ckpt --out models/   # a distributed checkpoint folder alike
+
+A distributed checkpoint folder (``save_distributed_checkpoint: true``: every rank's shards, ``fsvideo.checkpoints``)
+is read in this one process without a process group, tensor by tensor; its export equals that of a one-file
+checkpoint of the same state.
 
 Each network the run's checkpoint names is written to ``OUT/<name>/`` (``config.json`` + safetensors, sharded
 above ``--max-shard-gb``), with its records (a DiT's latent statistics and latent space). Every place that
@@ -47,7 +52,10 @@ def export_main(argv: list[str] | None = None) -> None:
         prog="fsvideo export",
         description="Write the networks of a training run as saved-model folders (config.json + safetensors).",
     )
-    parser.add_argument("run", help="run directory (uses checkpoints/last.ckpt) or a checkpoint file")
+    parser.add_argument(
+        "run",
+        help="run directory (uses checkpoints/last.ckpt) or a checkpoint: a file or a distributed checkpoint folder",
+    )
     parser.add_argument("--out", required=True, help="folder to write OUT/<network name>/ into")
     parser.add_argument("--raw", action="store_true", help="the trained weights instead of their EMA twin")
     parser.add_argument("--name", action="append", help="export only this network (repeatable)")

@@ -11,7 +11,8 @@ A saved-model folder is the Hugging Face layout users know from diffusers::
 ``records`` carries what a network needs beside its weights to be used correctly: a DiT's latent
 statistics and the latent space it trained in, a distilled refiner's step count and shift, … (json types).
 
-Training runs hold their networks in Lightning checkpoints. Each checkpoint names them in a *manifest*
+Training runs hold their networks in Lightning checkpoints (one file, or a distributed checkpoint folder whose
+``meta.pt`` holds the manifest: ``fsvideo.checkpoints``). Each checkpoint names them in a *manifest*
 (``checkpoint["networks"]``, written by ``lightning_modules.base.TrainingStage``): per network its class,
 config, records and the state-dict prefixes of its trained and EMA weights. ``read_snapshot`` turns a
 folder, a run directory (its ``checkpoints/last.ckpt``) or a checkpoint into the same in-memory
@@ -51,7 +52,13 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from fsvideo.checkpoints import find_run_checkpoint, safe_torch_load
+from fsvideo.checkpoints import (
+    WEIGHTS_PREFIX,
+    DistributedCheckpointWeights,
+    find_run_checkpoint,
+    is_distributed_checkpoint,
+    load_checkpoint_metadata,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -287,7 +294,7 @@ def snapshot_names(path: str | os.PathLike) -> list[str]:
     if is_saved_model_folder(path):
         return [path.name]
     checkpoint_path = find_run_checkpoint(path)
-    return list(_manifest(safe_torch_load(checkpoint_path), checkpoint_path))
+    return list(_manifest(load_checkpoint_metadata(checkpoint_path), checkpoint_path))
 
 
 def read_snapshot(
@@ -305,15 +312,18 @@ def read_snapshot(
     if is_saved_model_folder(path):
         return _read_folder(path)
     checkpoint_path = find_run_checkpoint(path)
-    checkpoint = safe_torch_load(checkpoint_path, expected="a checkpoint of a run")
+    checkpoint = load_checkpoint_metadata(checkpoint_path, expected="a checkpoint of a run")
     manifest = _manifest(checkpoint, checkpoint_path)
     classes = {n: entry["class_name"] for n, entry in manifest.items()}
     name = _pick_name(list(manifest), name, checkpoint_path, expected, classes)
     entry = manifest[name]
     prefix = entry["ema_weights"] if ema and entry.get("ema_weights") else entry["weights"]
     prefix = prefix + "."
-    state = checkpoint.get("state_dict", {})
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if is_distributed_checkpoint(checkpoint_path):  # read tensor by tensor from every rank's shard files
+        weights = DistributedCheckpointWeights(checkpoint_path, WEIGHTS_PREFIX + prefix)
+    else:
+        state = checkpoint.get("state_dict", {})
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return NetworkSnapshot(
         entry["class_name"],
         entry["config"],

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -178,12 +179,24 @@ class TrainingStage(L.LightningModule):
         return written
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # called on every rank; only rank 0's dict is written, so every rank's generators are gathered into it
         checkpoint[MANIFEST_KEY] = self.network_manifest()
         checkpoint["rng_states"] = capture_rng_states()
+        rank, world_size = _rank_and_world()
+        if world_size > 1:
+            per_rank: list[Any] = [None] * world_size
+            dist.all_gather_object(per_rank, checkpoint["rng_states"])
+            checkpoint["rng_states_per_rank"] = per_rank
         checkpoint["nonfinite_in_row"] = self.nonfinite_in_row
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
+        # each rank its own generators when the run resumes on as many processes; otherwise rank 0's (the data
+        # position is re-split then too, so no rank repeats its old stream anyway)
+        rank, world_size = _rank_and_world()
+        per_rank = checkpoint.get("rng_states_per_rank")
+        if per_rank is not None and len(per_rank) == world_size:
+            restore_rng_states(per_rank[rank])
+        elif "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
         self.nonfinite_in_row = checkpoint.get("nonfinite_in_row", 0)
 
@@ -229,6 +242,12 @@ class TrainingStage(L.LightningModule):
                 self.trainer.strategy.root_device.type, mesh.size(), config.context_parallel
             )
         return self._context_parallel_mesh
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def capture_rng_states() -> dict[str, Any]:

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.checkpoint_io import AtomicCheckpointIO, AtomicModelParallelStrategy
 from callbacks.logging import resolve_wandb_mode, wandb_run_id
 from fsvideo.checkpoints import RUN_CONFIG
 
@@ -115,3 +115,15 @@ class FSVideoCLI(LightningCLI):
             trainer.plugins = [
                 {"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}
             ]
+        # ModelParallelStrategy writes its distributed checkpoints in place; its subclass swaps them in whole
+        if getattr(trainer.strategy, "class_path", None) in MODEL_PARALLEL_CLASS_PATHS:
+            trainer.strategy.class_path = (
+                f"{AtomicModelParallelStrategy.__module__}.{AtomicModelParallelStrategy.__name__}"
+            )
+
+
+MODEL_PARALLEL_CLASS_PATHS = {
+    "lightning.pytorch.strategies.ModelParallelStrategy",
+    "lightning.pytorch.strategies.model_parallel.ModelParallelStrategy",
+}
+"""How a config names Lightning's ModelParallelStrategy (replaced by ``AtomicModelParallelStrategy``)."""
