@@ -471,14 +471,19 @@ def load_network(
 def build_network(
     snapshot: NetworkSnapshot, expected: type[Network] | None = None, device: str | torch.device = "cpu"
 ) -> Network:
+    """The network of ``snapshot`` in eval mode with ``requires_grad`` off, on ``device`` and filled from the
+    snapshot. ``device="meta"`` leaves it without storage: ``to_empty`` and ``load_weights(network,
+    snapshot.weights, snapshot.source)`` fill it later — after the parallelize layer has sharded it, each rank
+    reads only its own rows (``FrozenNetworks.add_saved``)."""
     cls = snapshot.network_class()
     if expected is not None and not issubclass(cls, expected):
         raise ValueError(f"{snapshot.source} holds a {snapshot.class_name}, not a {expected.__name__}.")
     config = snapshot.build_config()
     with torch.device("meta"):  # no initialisation to waste: every tensor comes from the snapshot
         network = cls(config)
-    network.to_empty(device=device)
-    load_weights(network, snapshot.weights, snapshot.source)
+    if torch.device(device).type != "meta":
+        network.to_empty(device=device)
+        load_weights(network, snapshot.weights, snapshot.source)
     return network.eval().requires_grad_(False)
 
 

@@ -207,11 +207,14 @@ class TrainingStage(L.LightningModule):
     def parallelize(self, trained: list[nn.Module], frozen: list[nn.Module], config: ParallelConfig) -> None:
         """``fsvideo.parallel.parallelize`` over this run's ranks (from ``configure_model``): FSDP over the
         data-parallel ranks, or with ``context_parallel`` over a (data_parallel, context_parallel) mesh of all
-        ranks built here (Lightning's mesh is (data_parallel, tensor_parallel) with tensor parallel 1)."""
+        ranks built here (Lightning's mesh is (data_parallel, tensor_parallel) with tensor parallel 1). Then the frozen
+        networks held on the meta device (``FrozenNetworks.add_saved(shard=True)``) get their own shards' weights."""
         mesh = None
         if config.fsdp or config.context_parallel > 1:
             mesh = self._parallel_mesh(config)
         parallelize(trained, frozen, config, mesh)
+        if config.fsdp:
+            self.frozen.materialise(self.trainer.strategy.root_device)
 
     def _parallel_mesh(self, config: ParallelConfig) -> DeviceMesh:
         mesh = self.device_mesh

@@ -84,7 +84,7 @@ class RefinerDistillModule(RefinerModule):
 
     def __init__(self, teacher: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        network = self.frozen.add("teacher", load_network(teacher, DiT))
+        network = self.frozen.add_saved("teacher", teacher, DiT, shard=self.parallel.fsdp)
         if network.config != self.dit.config:
             raise ValueError(
                 f"teacher {teacher} is a DiT of another architecture than the student (model.init_args.dit): "

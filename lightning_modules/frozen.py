@@ -4,15 +4,19 @@ DiT feeding a refiner.
 ``FrozenNetworks`` holds them outside the module tree, so they are never in a checkpoint, an optimizer or a
 ``state_dict``, and ``LightningModule.train()`` cannot switch them out of eval mode; ``TrainingStage`` moves
 (and casts) them with itself, so they are always on the module's device. Large ones are handed to the
-parallelize layer with the trained networks (``networks()``), sharded forward-only or replicated by config.
+parallelize layer with the trained networks (``parallelizable()``), sharded forward-only or replicated by config;
+one that is sharded is best held with ``add_saved(..., shard=True)``, so that no process ever holds all of it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+
+from fsvideo.pretrained import NetworkSnapshot, build_network, load_network, load_weights, read_snapshot
 
 
 class FrozenNetworks:
@@ -21,6 +25,8 @@ class FrozenNetworks:
     def __init__(self) -> None:
         self._networks: dict[str, nn.Module] = {}
         self._replicated: set[str] = set()
+        self._unfilled: dict[str, NetworkSnapshot] = {}
+        """Networks built on the meta device by ``add_saved(shard=True)``, with the snapshot that fills them."""
 
     def add(self, name: str, network: nn.Module, replicate: bool = False) -> nn.Module:
         """Freeze ``network`` and hold it under ``name``; returns it. ``replicate``: kept whole on every rank and
@@ -35,6 +41,30 @@ class FrozenNetworks:
             param.requires_grad_(False)
         self._networks[name] = network
         return network
+
+    def add_saved(
+        self, name: str, path: str | os.PathLike, expected: type[nn.Module], shard: bool
+    ) -> nn.Module:
+        """Hold the network saved at ``path`` (a folder, run or checkpoint: ``load_network``'s sources) under
+        ``name``; returns it. ``shard`` (the stage shards its networks with FSDP): built on the meta device and
+        filled by ``materialise`` once the parallelize layer has sharded it, each rank reading only its own
+        rows of every tensor — a 14B frozen base DiT or teacher is never whole in any process's memory.
+        Otherwise loaded whole now."""
+        if not shard:
+            return self.add(name, load_network(path, expected))
+        snapshot = read_snapshot(path, expected=expected)
+        network = self.add(name, build_network(snapshot, expected, device="meta"))
+        self._unfilled[name] = snapshot
+        return network
+
+    def materialise(self, device: torch.device) -> None:
+        """Give the networks ``add_saved(shard=True)`` built on the meta device their storage on ``device``
+        and their saved weights (after ``parallelize``: a sharded network reads its own rows only)."""
+        for name, snapshot in list(self._unfilled.items()):
+            network = self._networks[name]
+            network.to_empty(device=device)
+            load_weights(network, snapshot.weights, snapshot.source)
+            del self._unfilled[name]
 
     def __getitem__(self, name: str) -> nn.Module:
         return self._networks[name]
@@ -54,6 +84,8 @@ class FrozenNetworks:
         return [network for name, network in self._networks.items() if name not in self._replicated]
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Apply a tensor conversion (``nn.Module._apply``: device moves, dtype casts) to every network."""
-        for network in self._networks.values():
-            network._apply(fn)
+        """Apply a tensor conversion (``nn.Module._apply``: device moves, dtype casts) to every network but those
+        still on the meta device (``materialise`` places them)."""
+        for name, network in self._networks.items():
+            if name not in self._unfilled:
+                network._apply(fn)

@@ -165,7 +165,7 @@ class RefinerGRPOModule(RefinerModule):
                 "watch_reward", load_network(self.watch.reward, expected=VideoReward), replicate=True
             )
         if self.grpo.kl_coefficient > 0:
-            self.frozen.add("reference", load_network(self.init_from, DiT))
+            self.frozen.add_saved("reference", self.init_from, DiT, shard=self.parallel.fsdp)
         if autoencoder is not None:
             self.frozen.add("autoencoder", load_network(autoencoder, expected=FSAE), replicate=True)
         self.reward_watch = RewardWatch(self.watch)

@@ -78,7 +78,7 @@ class RefinerModule(DiTModule):
 
     def hold_base_dit(self, base_dit: str) -> LatentNormalization:
         """Hold the frozen base DiT (``frozen["base_dit"]``); returns the normalisation of its recorded statistics."""
-        base = self.frozen.add("base_dit", load_network(base_dit, DiT))
+        base = self.frozen.add_saved("base_dit", base_dit, DiT, shard=self.parallel.fsdp)
         if base.config.in_channels != self.dit.config.in_channels:
             raise ValueError(
                 f"base_dit {base_dit} takes {base.config.in_channels} input channels but the refiner "
