@@ -379,7 +379,7 @@ def estimate_training(
     dit_config = DiTConfig(**(args.get("dit") or {}))
     parallel = args.get("parallel") or {}
     fsdp = bool(parallel.get("fsdp", False))
-    cp = context_parallel or int(parallel.get("context_parallel", 1) or 1)
+    cp = context_parallel if context_parallel is not None else int(parallel.get("context_parallel", 1) or 1)
     if cp < 1:
         raise ValueError(f"context_parallel must be a positive number of GPUs, got {cp}")
     if cp > 1 and not fsdp:
