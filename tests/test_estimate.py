@@ -1,6 +1,8 @@
 """fsvideo.estimate (issue 18): the analytic DiT FLOP count equals torch's FlopCounterMode on tiny DiTs; the
 training estimate of a paper preset shards parameters, gradients, AdamW and EMA over the GPUs and keeps less
-with activation checkpointing; `fsvideo estimate` prints JSON and refuses a config it cannot size in one line."""
+with activation checkpointing; context parallel splits the training activations (`--context-parallel`) and, on
+N GPUs, a generation's DiT weights and activations; `fsvideo estimate` prints JSON and refuses a config it cannot
+size in one line."""
 
 from __future__ import annotations
 
