@@ -10,14 +10,18 @@ Rows (each a full ``FSVideoPipeline.generate``; the pipeline's own stage timings
                              prints "out of memory" then
   1 GPU, offloading          ``offload: true``: each stage moves its networks to the GPU and back (the paper's
                              76.6 s row)
-  2 GPUs, FSDP + CP          the DiTs sharded with FSDP and the sequence split over both GPUs (Ulysses); needs
-                             ``torchrun --nproc-per-node 2`` and ``ParallelConfig.context_parallel``; otherwise
-                             skipped with the reason printed
+  2 GPUs, FSDP + CP          what ``fsvideo generate`` does under torchrun (``fsvideo.generate.join_processes``,
+                             ``FSVideoPipeline.parallelize``): the base DiT and the refiner sharded with FSDP
+                             over both processes and run context-parallel over them (dp 1 × cp 2, Ulysses), the
+                             encoders, upsampler and FSAE whole on each, no offloading. Each process builds both
+                             DiTs whole on its GPU (61 GiB in bf16) before they are sharded. Needs
+                             ``torchrun --nproc-per-node 2 … --rows two-gpu`` (with ``--tiny``: two CPU
+                             processes over gloo); without torchrun it is skipped with the reason printed
 
 Per row: seconds per stage (encode, base DiT, upsample, refine, decode) and the total; per DiT stage the
 analytic TFLOP per NFE (``fsvideo.estimate.dit_forward_flops``: one DiT call on one latent, the count that
 ``torch.utils.flop_counter`` gives) and the achieved TFLOP/s as a fraction of the GPU's dense bf16 peak
-(``fsvideo.estimate.PEAK_BF16_TFLOPS``).
+(``fsvideo.estimate.PEAK_BF16_TFLOPS``; on two GPUs, of both GPUs' peak together).
 
 The text and image encoders are tiny random UMT5 / CLIP (no weights can be downloaded; their cost beside the
 DiTs is small at the paper's sizes: UMT5-XXL encodes one 512-token prompt once), so the DiTs' text and image
@@ -26,8 +30,9 @@ decoder decodes ``--decode-chunk`` latent frames at a time (``tiling.chunk_laten
 
     python benchmarks/table4.py                      # one H100-class GPU, about 4–6 minutes
     python benchmarks/table4.py --base-steps 2 --refine-steps 1 --rows offload   # a quick look
-    torchrun --nproc-per-node 2 benchmarks/table4.py --rows two-gpu
+    torchrun --nproc-per-node 2 benchmarks/table4.py --rows two-gpu             # two H100-class GPUs
     python benchmarks/table4.py --tiny               # tiny networks on the CPU (what the test runs)
+    torchrun --nproc-per-node 2 benchmarks/table4.py --tiny --rows two-gpu      # two CPU processes, gloo
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from fsvideo.ae import FSAE, FSAEConfig, TilingConfig
 from fsvideo.dit import DiT, DiTConfig
 from fsvideo.encoders import ImageEncoder, TextEncoder, save_tiny_encoders
 from fsvideo.estimate import device_peak_tflops, dit_forward_flops
-from fsvideo.parallel import ParallelConfig
+from fsvideo.generate import join_processes
 from fsvideo.pipeline import FSVideoPipeline, GenerationSettings, RefinerChain
 from fsvideo.refiner import DynamicMaskConfig
 from fsvideo.stages import SamplingSettings
@@ -186,7 +193,9 @@ def dit_flops_per_nfe(
     }
 
 
-def print_row(row: dict, flops: dict[str, float], peak: float | None) -> None:
+def print_row(row: dict, flops: dict[str, float], peak: float | None, gpus: int = 1) -> None:
+    """One row: seconds per stage and total; per DiT stage NFE, TFLOP/NFE and the achieved share of the bf16
+    ``peak`` of one GPU times ``gpus`` (the row's GPUs together)."""
     seconds = {stage["name"]: stage["seconds"] for stage in row["stages"]}
     cells = " ".join(
         f"{seconds.get(k, float('nan')):9.2f}" for k in ("encode", "dit", "upsample", "refine", "decode")
@@ -199,59 +208,86 @@ def print_row(row: dict, flops: dict[str, float], peak: float | None) -> None:
         if stage["name"] in flops and stage.get("nfe"):
             per_nfe = flops[stage["name"]] / 1e12
             achieved = per_nfe * stage["nfe"] / stage["seconds"]
-            share = f", {achieved / peak:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
+            share = ""
+            if peak:
+                of = f"{gpus} × {peak:.0f}" if gpus > 1 else f"{peak:.0f}"
+                share = f", {achieved / (gpus * peak):.1%} of the {of} TFLOP/s bf16 peak"
             print(
                 f"{'':22s}   {stage['name']}: {stage['nfe']} NFE × {per_nfe:.4g} TFLOP/NFE, "
                 f"{achieved:.4g} TFLOP/s achieved{share}"
             )
 
 
-def two_gpu_skip_reason() -> str | None:
-    if "context_parallel" not in {f.name for f in dataclasses.fields(ParallelConfig)}:
-        return "needs ParallelConfig.context_parallel (the context-parallel branch)"
-    if int(os.environ.get("WORLD_SIZE", "1")) != 2 or torch.cuda.device_count() < 2:
-        return "needs 2 GPUs: torchrun --nproc-per-node 2 benchmarks/table4.py --rows two-gpu"
-    return "the two-GPU generate path (multi-GPU FSVideoPipeline) comes with the context-parallel branch"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not args.tiny:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and args.rows != ["two-gpu"]:
+        raise SystemExit(
+            f"under torchrun ({world_size} processes) only the two-GPU row runs: pass --rows two-gpu"
+        )
+    if world_size not in (1, 2):
+        raise SystemExit(f"the two-GPU row runs on 2 processes, got WORLD_SIZE={world_size}")
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:
         raise SystemExit("Table 4 runs the 16B DiTs on a GPU; on a CPU use --tiny")
-    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as directory:
+        # before joining the process group: under it transformers saves on rank 0 only, into rank 0's folder
+        encoders = save_tiny_encoders(directory)
+        device, mesh = join_processes("cuda" if cuda else "cpu")  # alone: the device as given, no mesh
+        try:
+            run_rows(args, torch.device(device), mesh, encoders)
+        finally:
+            if mesh is not None:
+                dist.destroy_process_group()
+
+
+def run_rows(args: argparse.Namespace, device: torch.device, mesh: DeviceMesh | None, encoders: dict) -> None:
+    """Every row of ``args.rows`` on ``device`` with the tiny encoders at ``encoders`` (``save_tiny_encoders``);
+    with ``mesh`` (torchrun, 2 processes) the two-GPU row, printed by the first process."""
+    prints = mesh is None or dist.get_rank() == 0
+    say = print if prints else (lambda *_: None)
+    torch.manual_seed(0)  # every process draws the same random weights
     peak = device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(
+    say(
         f"Table 4: {args.frames}×{args.height}×{args.width}, base {args.base_steps} UniPC steps "
         f"(guidance {args.guidance_scale}) + refiner {args.refine_steps} Euler steps, "
         f"{'tiny fp32' if args.tiny else 'paper bf16'}, random weights, on {name}"
+        + (f" × {mesh.size()} processes" if mesh is not None else "")
     )
-    print(
+    say(
         f"{'row':22s} {'encode s':>9s} {'base s':>9s} {'upsamp s':>9s} {'refine s':>9s} {'decode s':>9s} {'total s':>9s}"
     )
     networks = Networks.of(args.tiny)
-    with tempfile.TemporaryDirectory() as directory:
-        encoders = save_tiny_encoders(directory)
-        for row in args.rows:
-            if row == "two-gpu":
-                print(f"{'2 GPUs, FSDP + CP':22s} skipped: {two_gpu_skip_reason()}")
+    for row in args.rows:
+        if row == "two-gpu":
+            label = f"2 {'GPUs' if device.type == 'cuda' else 'CPU procs'}, FSDP + CP"
+            if mesh is None:
+                say(
+                    f"{'2 GPUs, FSDP + CP':22s} skipped: needs 2 processes: torchrun --nproc-per-node 2 "
+                    "benchmarks/table4.py --rows two-gpu"
+                )
                 continue
+        else:
             label = "1 GPU, offloading" if row == "offload" else "1 GPU, no memory limit"
-            start = time.perf_counter()
-            try:
-                pipe = build_pipeline(args, networks, device, row == "offload", encoders)
-                vision = pipe.image_encoder.model.config
-                image_len = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + class token
-                result = run_row(label, pipe, args)
-            except torch.OutOfMemoryError:
-                print(f"{label:22s} out of memory (after {time.perf_counter() - start:.0f} s)")
-                continue
-            finally:
-                pipe = None  # the next row builds its own networks: free these first
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            print_row(result, dit_flops_per_nfe(networks, args, result["size"], image_len), peak)
+        start = time.perf_counter()
+        try:
+            pipe = build_pipeline(args, networks, device, row == "offload", encoders)
+            if row == "two-gpu":
+                pipe.parallelize(mesh)  # DiTs FSDP-sharded over both processes, context parallel 2
+            vision = pipe.image_encoder.model.config
+            image_len = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + class token
+            result = run_row(label, pipe, args)
+        except torch.OutOfMemoryError:
+            say(f"{label:22s} out of memory (after {time.perf_counter() - start:.0f} s)")
+            continue
+        finally:
+            pipe = None  # the next row builds its own networks: free these first
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if prints:
+            gpus = 1 if mesh is None else mesh.size()
+            print_row(result, dit_flops_per_nfe(networks, args, result["size"], image_len), peak, gpus)
 
 
 if __name__ == "__main__":

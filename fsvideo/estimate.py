@@ -1,7 +1,9 @@
 """Sizing before running: GPU memory of a training stage or of the pipeline, and the DiT's FLOPs.
 
     fsvideo estimate --config configs/dit/pretrain-video512.yaml --gpus 1 2 8 64
+    fsvideo estimate --config configs/dit/pretrain-video512.yaml --gpus 8 --context-parallel 4
     fsvideo estimate --config configs/pipeline/generate.yaml --frames 121 --height 720 --width 1280 --json
+    fsvideo estimate --config configs/pipeline/generate.yaml --gpus 1 2     # 2: torchrun … fsvideo generate
 
 Nothing is allocated: networks are built on the meta device from the configs (their parameter counts are
 exact), and the rest is counted from the shapes a step or a sampler call makes.
@@ -21,8 +23,9 @@ has ``parallel.fsdp`` (else every GPU holds everything):
 - frozen networks of the stage (a refiner's base DiT, its upsampler) in float32, sharded or replicated as
   ``parallel.frozen`` says, and the data pipeline's encoders (FSAE, UMT5, CLIP) where the DataModule
   encodes on the fly, in their configured dtype;
-- activations: bf16 (``trainer.precision: bf16-mixed``), ``B`` clips of ``t·h·w`` latent tokens split over the
-  ``cp`` context-parallel ranks (``parallel.context_parallel``, default 1). Per block autograd keeps about
+- activations: bf16 (``trainer.precision: bf16-mixed``), ``B`` clips of ``N = t·h·w`` latent tokens split over the
+  ``cp`` context-parallel ranks (``parallel.context_parallel``, default 1, or ``--context-parallel``): the
+  longest run, ``ceil(N/cp)`` tokens, as ``fsvideo.parallel`` splits them. Per block autograd keeps about
   ``ACT_BYTES_PER_TOKEN_WIDTH·dim + ACT_BYTES_PER_TOKEN_FFN·ffn_dim`` bytes a token (``block_activation_bytes``
   lists the tensors). Without activation checkpointing every block's are kept; with it, each block's bf16
   input (which is also Layer Memory's history) plus one block's activations while it is recomputed.
@@ -35,7 +38,11 @@ attention kernel's workspace (flash / memory-efficient attention keep O(tokens);
 and the peak of its stage: the DiT's no-grad working set (Layer Memory keeps every block's output: ``(L+1)·B·N·dim``
 plus the largest block-internal tensors), the upsampler's and the FSAE's traced on fake tensors
 (``torch.distributed._tools.mem_tracker.MemTracker`` under ``FakeTensorMode``: what a real call would
-allocate, without allocating it). With ``offload`` a GPU holds only the running stage's networks.
+allocate, without allocating it). With ``offload`` a GPU holds only the running stage's networks. On ``n``
+GPUs (``--gpus n``: ``fsvideo generate`` under torchrun, ``FSVideoPipeline.parallelize``) the DiTs are sharded
+with FSDP over the ``n`` processes (bf16 weights ``/n`` plus two gathered blocks) and run context-parallel over
+all of them (dp 1 × cp n: ``ceil(N/n)`` tokens a process); the encoders, the upsampler and the FSAE stay whole
+on every process, and offloading does not apply (``parallelize`` refuses it).
 
 **FLOPs** (``dit_forward_flops``): the multiply-adds of every matmul, convolution and attention product of one
 DiT call, ×2; norms, RoPE, modulation and softmax are not counted (what ``torch.utils.flop_counter`` counts).
@@ -45,8 +52,8 @@ Public API:
     block_activation_bytes(config, tokens, batch, text_len, image_len) -> int
     training_activation_bytes(config, tokens, batch, text_len, image_len, checkpointing) -> int
     dit_inference_bytes(config, tokens, batch) -> int
-    estimate_training(config_path, gpus, frames=None, height=None, width=None) -> Estimate
-    estimate_pipeline(config_path, frames=None, height=None, width=None) -> Estimate
+    estimate_training(config_path, gpus, frames=None, height=None, width=None, context_parallel=None) -> Estimate
+    estimate_pipeline(config_path, frames=None, height=None, width=None, gpus=1) -> Estimate
     PEAK_BF16_TFLOPS, device_peak_tflops(device_name)
     estimate_main(argv)        ``fsvideo estimate``
 """
@@ -338,6 +345,14 @@ def _latent_grid(frames: int, height: int, width: int, ae: FSAEConfig) -> tuple[
     return ae.latent_shape(frames, height, width)[1:]
 
 
+def _check_context_parallel(config: DiTConfig, cp: int) -> None:
+    if config.num_heads % cp:
+        raise ValueError(
+            f"context_parallel={cp} must divide the DiT's {config.num_heads} attention heads (Ulysses gives each "
+            "GPU heads/cp whole heads)."
+        )
+
+
 # ---- training -----------------------------------------------------------------------------------------------
 
 
@@ -347,8 +362,10 @@ def estimate_training(
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    context_parallel: int | None = None,
 ) -> Estimate:
-    """Memory per GPU of the training config at ``config_path`` on ``gpus`` GPUs (module docstring)."""
+    """Memory per GPU of the training config at ``config_path`` on ``gpus`` GPUs (module docstring);
+    ``context_parallel`` overrides the config's ``model.init_args.parallel.context_parallel``."""
     config = _read_yaml(config_path)
     model = config.get("model") or {}
     args = model.get("init_args") or {}
@@ -362,7 +379,15 @@ def estimate_training(
     dit_config = DiTConfig(**(args.get("dit") or {}))
     parallel = args.get("parallel") or {}
     fsdp = bool(parallel.get("fsdp", False))
-    cp = int(parallel.get("context_parallel", 1) or 1)
+    cp = context_parallel if context_parallel is not None else int(parallel.get("context_parallel", 1) or 1)
+    if cp < 1:
+        raise ValueError(f"context_parallel must be a positive number of GPUs, got {cp}")
+    if cp > 1 and not fsdp:
+        raise ValueError(
+            f"{config_path}: context_parallel={cp} needs model.init_args.parallel.fsdp: true (FSDP reduces the "
+            "gradients of a context-parallel run)."
+        )
+    _check_context_parallel(dit_config, cp)
     if gpus % cp:
         raise ValueError(f"{gpus} GPUs cannot hold context_parallel={cp} groups; use a multiple of {cp}.")
     checkpointing = bool(parallel.get("activation_checkpointing", False))
@@ -374,7 +399,7 @@ def estimate_training(
     text_len = int(encoders.get("text_len", DEFAULT_TEXT_LEN))
     ae_config, ae_note = _network_config(encoders.get("autoencoder"), FSAEConfig.paper(), "FSAE")
     grid = _latent_grid(*_video_size(config, frames, height, width, str(config_path)), ae_config)
-    tokens = math.ceil(grid[0] / cp) * grid[1] * grid[2] // dit_config.patch_volume
+    tokens = math.ceil(math.prod(grid) // dit_config.patch_volume / cp)
 
     dit = build_on_meta(DiT, dit_config)
     trained = meta_parameters(dit)
@@ -488,8 +513,10 @@ def estimate_pipeline(
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    gpus: int = 1,
 ) -> Estimate:
-    """Memory of one GPU running the pipeline config at ``config_path`` (module docstring)."""
+    """Memory of one GPU running the pipeline config at ``config_path`` on ``gpus`` processes, one GPU each
+    (module docstring)."""
     from fsvideo.pipeline import PipelineConfig
 
     config = PipelineConfig.from_yaml(config_path)
@@ -501,6 +528,9 @@ def estimate_pipeline(
     )
     ae_config, ae_note = _network_config(config.autoencoder, FSAEConfig.paper(), "FSAE")
     dit_config, dit_note = _network_config(config.dit, DiTConfig.paper(), "DiT")
+    if gpus < 1:
+        raise ValueError(f"--gpus must be positive, got {gpus}")
+    _check_context_parallel(dit_config, gpus)
     s = ae_config.spatial_compression * (2 if config.refiner is not None else 1)
     # the pipeline generates the next size up that it can, and crops (FSVideoPipeline.generated_size)
     size = (math.ceil(height / s) * s, math.ceil(width / s) * s)
@@ -511,6 +541,32 @@ def estimate_pipeline(
 
     def weights(network: nn.Module, dtype_bytes: int) -> int:
         return meta_parameters(network) * dtype_bytes
+
+    def dit_rows(what: str, config: DiTConfig, note: str, latent: tuple[int, int, int], batch: int) -> list:
+        """Weights (sharded over the processes), FSDP's gathered blocks and the no-grad working set of one
+        DiT stage; ``latent`` is the stage's ``(t, h, w)``."""
+        network = build_on_meta(DiT, config)
+        tokens = math.prod(latent) // config.patch_volume
+        local = math.ceil(tokens / gpus)
+        split = f", context parallel {gpus} → {local} a GPU" if gpus > 1 else ""
+        rows = [
+            MemoryRow(
+                f"{what} weights", weights(network, bf16) // gpus, f"{note}, / {gpus}" if gpus > 1 else note
+            )
+        ]
+        if gpus > 1:
+            block = _block_parameters(network)
+            rows.append(
+                MemoryRow(f"{what} FSDP gather buffers", 2 * block * bf16, f"2 blocks × {block / 1e6:.0f}M")
+            )
+        rows.append(
+            MemoryRow(
+                f"{what} activations",
+                dit_inference_bytes(config, local, batch),
+                f"{tokens} tokens{split} × batch {batch}{' (CFG)' if batch == 2 else ''}, no grad",
+            )
+        )
+        return rows
 
     ae = build_on_meta(FSAE, ae_config)
     stages: dict[str, list[MemoryRow]] = {}
@@ -523,15 +579,7 @@ def estimate_pipeline(
         count, note = _image_encoder_parameters(config.image_encoder)
         encode.append(MemoryRow("image encoder weights", count * bf16, f"{count / 1e9:.2f}B, {note}"))
     stages["encode"] = encode
-    base_tokens = math.prod(base_grid) // dit_config.patch_volume
-    stages["base DiT"] = [
-        MemoryRow("DiT weights", weights(build_on_meta(DiT, dit_config), bf16), dit_note),
-        MemoryRow(
-            "DiT activations",
-            dit_inference_bytes(dit_config, base_tokens, cfg_batch),
-            f"{base_tokens} tokens × batch {cfg_batch} (CFG), no grad",
-        ),
-    ]
+    stages["base DiT"] = dit_rows("DiT", dit_config, dit_note, base_grid, cfg_batch)
     if config.refiner is not None:
         up_config, up_note = _network_config(config.upsampler, LatentUpsamplerConfig.paper(), "upsampler")
         ref_config, ref_note = _network_config(config.refiner, dit_config, "refiner")
@@ -546,16 +594,9 @@ def estimate_pipeline(
                 "traced on fake tensors",
             ),
         ]
-        tokens = math.prod(grid) // ref_config.patch_volume
         refine_batch = 2 if (config.refine is None or config.refine.guidance_scale != 1.0) else 1
-        stages["refine"] = [
-            MemoryRow("refiner weights", weights(build_on_meta(DiT, ref_config), bf16), ref_note),
-            MemoryRow(
-                "refiner activations",
-                dit_inference_bytes(ref_config, tokens, refine_batch),
-                f"{tokens} tokens × batch {refine_batch}, no grad",
-            ),
-        ]
+        _check_context_parallel(ref_config, gpus)
+        stages["refine"] = dit_rows("refiner", ref_config, ref_note, grid, refine_batch)
     stages["decode"] = [
         MemoryRow("FSAE weights", weights(ae, 4), "float32"),
         MemoryRow(
@@ -570,23 +611,30 @@ def estimate_pipeline(
     all_weights = sum(
         r.bytes for n, rs in stages.items() for r in rs if "weights" in r.name and n != "decode"
     )
-    peak_activation = max(r.bytes for rs in stages.values() for r in rs if "activations" in r.name)
+    # a stage's transient memory: its activations, and on several GPUs its DiT's gathered blocks
+    peak_activation = max(
+        sum(r.bytes for r in rs if "activations" in r.name or "gather" in r.name) for rs in stages.values()
+    )
     estimate = Estimate(
         str(config_path),
         "inference",
-        1,
+        gpus,
         {
             "video": f"{frames}×{height}×{width} (generated at {size[0]}×{size[1]})",
             "latent": f"{grid[0]}×{grid[1]}×{grid[2]}" + (f", base {base_grid}" if config.refiner else ""),
             "precision": "bf16 (FSAE float32)" if bf16 == 2 else "float32",
             "offload in config": config.offload,
+            "processes": "1"
+            if gpus == 1
+            else f"{gpus}: DiTs FSDP-sharded, context parallel {gpus} (no offload)",
         },
         rows,
     )
-    estimate.totals = {
-        "everything on the GPU": all_weights + peak_activation,
-        "offload (one stage's networks at a time)": max(sum(r.bytes for r in rs) for rs in stages.values()),
-    }
+    estimate.totals = {"everything on the GPU": all_weights + peak_activation}
+    if gpus == 1:  # FSVideoPipeline.parallelize refuses offloading
+        estimate.totals["offload (one stage's networks at a time)"] = max(
+            sum(r.bytes for r in rs) for rs in stages.values()
+        )
     return estimate
 
 
@@ -636,7 +684,16 @@ def estimate_main(argv: list[str] | None = None) -> None:
         help="a training config (configs/dit, configs/refiner) or configs/pipeline/*.yaml",
     )
     parser.add_argument(
-        "--gpus", type=int, nargs="+", default=[1], help="GPU counts to size a training run for"
+        "--gpus",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="GPU counts to size a training run for, or a generation (torchrun: DiTs sharded, context parallel)",
+    )
+    parser.add_argument(
+        "--context-parallel",
+        type=int,
+        help="training: GPUs that split each clip's tokens (default: the config's parallel.context_parallel)",
     )
     parser.add_argument("--frames", type=int, help="video frames (default: the config's)")
     parser.add_argument("--height", type=int, help="video height (default: the config's)")
@@ -646,10 +703,17 @@ def estimate_main(argv: list[str] | None = None) -> None:
     config = _read_yaml(args.config)
     if "model" in config:
         estimates = [
-            estimate_training(args.config, n, args.frames, args.height, args.width) for n in args.gpus
+            estimate_training(args.config, n, args.frames, args.height, args.width, args.context_parallel)
+            for n in args.gpus
         ]
     elif "dit" in config and "autoencoder" in config:
-        estimates = [estimate_pipeline(args.config, args.frames, args.height, args.width)]
+        if args.context_parallel is not None:
+            raise ValueError(
+                "--context-parallel sizes training; a generation on --gpus N runs context parallel N."
+            )
+        estimates = [
+            estimate_pipeline(args.config, args.frames, args.height, args.width, n) for n in args.gpus
+        ]
     else:
         raise ValueError(
             f"{args.config} is neither a training config (model:) nor a pipeline config (autoencoder:, dit:)."

@@ -114,13 +114,15 @@ def generate_main(argv: list[str] | None = None) -> None:
     _generate(args, out)  # what it raises for bad input, ``fsvideo`` reports in one line
 
 
-def _join_processes(config: PipelineConfig) -> tuple[PipelineConfig, DeviceMesh | None]:
+def join_processes(device: str) -> tuple[str, DeviceMesh | None]:
     """Under torchrun (``WORLD_SIZE`` > 1): join the process group (NCCL on CUDA, gloo on the CPU), give this
-    process its own GPU, and return the mesh the DiTs run on (dp 1 × cp N); alone: ``config`` and None."""
+    process its own GPU, and return its device (``cuda:LOCAL_RANK`` or ``cpu``) and the mesh the DiTs run on
+    (dp 1 × cp N, for ``FSVideoPipeline.parallelize``); alone: ``device`` and None. ``device`` is "auto",
+    "cpu" or "cuda"; the caller destroys the process group when it is done (``dist.destroy_process_group``).
+    Also used by ``benchmarks/table4.py``'s two-GPU row."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return config, None
-    device = config.device
+        return device, None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda":
@@ -129,14 +131,15 @@ def _join_processes(config: PipelineConfig) -> tuple[PipelineConfig, DeviceMesh 
         device = f"cuda:{local_rank}"
     device_type = torch.device(device).type
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return dataclasses.replace(config, device=device), device_mesh(device_type, world_size, world_size)
+    return device, device_mesh(device_type, world_size, world_size)
 
 
 def _generate(args: argparse.Namespace, out: Path) -> None:
     config = PipelineConfig.from_yaml(args.config)
     runtime = {name: getattr(args, name) for name in ("device", "offload", "precision")}
     config = dataclasses.replace(config, **{k: v for k, v in runtime.items() if v is not None})
-    config, mesh = _join_processes(config)
+    device, mesh = join_processes(config.device)
+    config = dataclasses.replace(config, device=device)
     try:
         _generate_on(config, mesh, args, out)
     finally:

@@ -1,6 +1,8 @@
 """fsvideo.estimate (issue 18): the analytic DiT FLOP count equals torch's FlopCounterMode on tiny DiTs; the
 training estimate of a paper preset shards parameters, gradients, AdamW and EMA over the GPUs and keeps less
-with activation checkpointing; `fsvideo estimate` prints JSON and refuses a config it cannot size in one line."""
+with activation checkpointing; context parallel splits the training activations (`--context-parallel`) and, on
+N GPUs, a generation's DiT weights and activations; `fsvideo estimate` prints JSON and refuses a config it cannot
+size in one line."""
 
 from __future__ import annotations
 
@@ -116,3 +118,24 @@ def test_pipeline_estimate_reads_the_saved_networks(tmp_path):
     assert rows["decode: decode activations"].bytes > 0 and rows["upsample: upsampler activations"].bytes > 0
     totals = estimate.totals
     assert totals["offload (one stage's networks at a time)"] < totals["everything on the GPU"]
+
+
+def test_context_parallel_splits_the_tokens_of_training_and_generation(tmp_path):
+    config = REPO / "configs/dit/pretrain-video512.yaml"
+    one, four = estimate_training(config, 8), estimate_training(config, 8, context_parallel=4)
+    tokens = 31 * 8 * 8  # 121 frames at 512²
+    block = block_activation_bytes(DiTConfig(), tokens // 4, 2, 512, 257)
+    assert {r.name: r.bytes for r in four.rows}["activations, no checkpointing"] == 40 * block
+    assert four.settings["context parallel"] == f"4 → {tokens // 4} tokens per GPU"
+    assert four.totals["without activation checkpointing"] < one.totals["without activation checkpointing"]
+    with pytest.raises(ValueError, match="must divide the DiT's 40 attention heads"):
+        estimate_training(config, 8, context_parallel=3)
+
+    pipeline = write_two_stage_config(tmp_path)
+    alone, two = (estimate_pipeline(pipeline, 5, 128, 128, gpus=n) for n in (1, 2))
+    rows_alone, rows_two = ({r.name: r.bytes for r in e.rows} for e in (alone, two))
+    assert rows_two["base DiT: DiT weights"] == rows_alone["base DiT: DiT weights"] // 2  # FSDP over 2
+    dit = load_network(yaml.safe_load(pipeline.read_text())["dit"], DiT)
+    assert rows_two["refine: refiner activations"] == dit_inference_bytes(dit.config, 4, 2)  # 8 tokens / cp 2
+    assert rows_two["decode: decode activations"] == rows_alone["decode: decode activations"]  # whole each
+    assert list(two.totals) == ["everything on the GPU"]  # parallelize refuses offloading
