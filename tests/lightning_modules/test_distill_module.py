@@ -7,9 +7,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from two_process import SHARDED_FIT_ARGS, run_cli
 
 from callbacks.loss_history import read_loss_history
 from fsvideo import distill
@@ -192,3 +194,55 @@ def test_tiny_distillation_fits_chain_and_keep_teachers_out_of_checkpoints(
         assert (teacher / "config.json").is_file()
     records = read_records(teacher)
     assert distill.refine_settings(records, None, str(teacher)) == SamplingSettings(8, 1.0, 3.0, "euler")
+
+
+def sida_fit(parts, tiny_latents, sample_shards, run_dir: Path, *args: str) -> np.ndarray:
+    """The per-step generator losses of a 2-step tiny SiDA ``fsvideo fit`` (noise and σ from the same seed
+    whatever the number of processes: ``ReseedAtTrainStart``)."""
+    encoders = {
+        "autoencoder": str(tiny_latents.fsae_run),
+        "text_encoder": str(tiny_latents.encoders["text"]),
+        "image_encoder": str(tiny_latents.encoders["image"]),
+        "text_len": TEXT_LEN,
+    }
+    run_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/tiny/refiner-distill-sida.yaml"),
+            f"--trainer.default_root_dir={run_dir}",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            "--checkpoint.every_n_train_steps=100",
+            "--trainer.callbacks=[callbacks.loss_history.LossHistory, two_process.ReseedAtTrainStart]",
+            "--wandb.mode=disabled",
+            f"--model.init_args.init_from={parts['distilled']}",
+            f"--model.init_args.teacher={parts['distilled']}",
+            f"--model.init_args.base_dit={parts['refiner']}",
+            f"--model.init_args.upsampler={parts['upsampler']}",
+            "--model.init_args.dit.latent_channels=8",
+            "--model.init_args.optimizer.warmup_steps=0",
+            "--model.init_args.sida.fake_score_optimizer.warmup_steps=0",
+            f"--data.init_args.encoders={yaml.safe_dump(encoders, default_flow_style=True).strip()}",
+            f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
+            f"--data.init_args.train_shards={sample_shards.root / 'train-000000.tar'}",
+            "--data.init_args.val_shards=null",
+            "--data.init_args.num_frames=5",
+            "--data.init_args.buckets.size=128",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batches_per_epoch=2",
+            *args,
+        ],
+        cwd=run_dir.parent,
+    )
+    steps, losses = read_loss_history(run_dir)
+    assert steps.tolist() == [1, 2] and np.isfinite(losses).all()
+    return losses
+
+
+@pytest.mark.slow
+def test_sida_fit_with_fsdp_trains_every_network_on_two_processes(
+    parts, tiny_latents, sample_shards, tmp_path
+):
+    sida_fit(parts, tiny_latents, sample_shards, tmp_path / "dp2", *SHARDED_FIT_ARGS)
