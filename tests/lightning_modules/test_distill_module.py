@@ -242,7 +242,19 @@ def sida_fit(parts, tiny_latents, sample_shards, run_dir: Path, *args: str) -> n
 
 
 @pytest.mark.slow
-def test_sida_fit_with_fsdp_trains_every_network_on_two_processes(
+def test_sida_fit_sharded_and_context_parallel_matches_one_process(
     parts, tiny_latents, sample_shards, tmp_path
 ):
-    sida_fit(parts, tiny_latents, sample_shards, tmp_path / "dp2", *SHARDED_FIT_ARGS)
+    """dp1 × cp2 over two gloo processes, FSDP sharding the generator, the fake score and the discriminator
+    head over both: each rank sees every token of the sample, so the per-step losses are those of one process —
+    the second step's through the first step's updates of all three networks."""
+    one = sida_fit(parts, tiny_latents, sample_shards, tmp_path / "one")
+    two = sida_fit(
+        parts,
+        tiny_latents,
+        sample_shards,
+        tmp_path / "cp2",
+        *SHARDED_FIT_ARGS,
+        "--model.init_args.parallel.context_parallel=2",
+    )
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
