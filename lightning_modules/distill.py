@@ -300,7 +300,8 @@ class RefinerSiDAModule(RefinerDistillModule):
 
     1. fake score + discriminator (their own optimizer; not a ``global_step``): a generator sample ``x_g``
        without gradient; the fake-score network's flow-matching loss on ``x_g`` at a training σ, plus the
-       logistic loss of the discriminator head on its features of the real latent vs ``x_g``, noised alike.
+       logistic loss of the discriminator head on its features of the real latent vs ``x_g``, noised alike (one
+       forward of the fake score on both).
     2. generator: a slot k is drawn uniformly from the ``steps`` Euler steps; the sampler runs steps < k
        without gradient and steps ≥ k with it, so ``x_g`` carries the gradient of the last ``steps − k``
        evaluations (slot j trains in a fraction (j+1)/steps of the steps, the last always); then
@@ -330,9 +331,10 @@ class RefinerSiDAModule(RefinerDistillModule):
     def configure_model(self) -> None:
         super().configure_model()
         self.parallelize([self.fake_score], [], self.parallel)
-        # the head is one small group: sharded whole (FSDP then averages its gradients as the fake score's), never
-        # checkpointed or compiled; under context parallel it reads the gathered tokens (fake_score_features)
-        head = replace(self.parallel, activation_checkpointing=False, compile=False)
+        # the head is one small group: sharded whole (FSDP then averages its gradients as the fake score's), in
+        # float32, never checkpointed or compiled; under context parallel its logits are gathered
+        # (fake_score_features)
+        head = replace(self.parallel, activation_checkpointing=False, compile=False, mixed_precision=None)
         self.parallelize([self.discriminator], [], head)
 
     def distill_records(self) -> dict[str, Any]:
@@ -367,8 +369,9 @@ class RefinerSiDAModule(RefinerDistillModule):
 
         One forward, because FSDP gathers a block's weights for the backward from a hook on that forward's
         output: a second forward whose velocity no loss uses would leave its embeddings' weights freed when its
-        features' gradient reaches them. Under context parallel the feature block's tokens are gathered (as the
-        network gathers its output), so the head sees all N tokens on every cp rank."""
+        features' gradient reaches them. Under context parallel the head (per token) runs on this rank's tokens
+        and its logits are gathered, as the network gathers its output, so every cp rank computes the losses of
+        one process on all N tokens (and FSDP's average over the cp ranks gives one process's gradients)."""
         count = len(latents)
         tokens, mask, image = text
         captured: list[torch.Tensor] = []
@@ -385,13 +388,12 @@ class RefinerSiDAModule(RefinerDistillModule):
             )
         finally:
             hook.remove()
-        features = captured[-1]  # (count·B, N_r, dim): this rank's tokens under context parallel
+        logits = self.discriminator(captured[-1])  # (count·B, N_r): this rank's tokens under context parallel
         sequence_parallel = self.fake_score.sequence_parallel
-        if sequence_parallel is not None:
-            features = sequence_parallel.gather_tokens(
-                features, latents[0][0, 0].numel() // self.dit.config.patch_volume
-            )  # (count·B, N, dim)
-        return list(velocity.float().chunk(count)), list(self.discriminator(features).chunk(count))
+        if sequence_parallel is not None:  # as the network gathers its output: every cp rank then has all N
+            total = latents[0][0, 0].numel() // self.dit.config.patch_volume
+            logits = sequence_parallel.gather_tokens(logits.unsqueeze(-1), total).squeeze(-1)  # (count·B, N)
+        return list(velocity.float().chunk(count)), list(logits.chunk(count))
 
     def fake_score_losses(
         self, x_g: torch.Tensor, z0: torch.Tensor, condition: FrameCondition, text: TextConditions

@@ -144,6 +144,21 @@ def test_sida_networks_start_from_the_teacher_and_only_the_generator_is_saved(pa
     assert math.isfinite(loss.item())
 
 
+@torch.no_grad()
+def test_sida_fake_score_features_of_several_latents_are_those_of_one_forward_each(parts):
+    module = make_module(RefinerSiDAModule, parts, teacher="distilled")
+    batch = make_batch()
+    z0, condition, text = module.distill_inputs(batch, augment=False)
+    module.discriminator.linear.weight.normal_()  # off its zero start, so the logits differ per token
+    sigma, latents = torch.tensor([0.3, 0.8]), [torch.randn_like(z0), torch.randn_like(z0)]
+    velocities, logits = module.fake_score_features(latents, sigma, condition, text)
+    for z, velocity, logit in zip(latents, velocities, logits):
+        (alone,), (alone_logits,) = module.fake_score_features([z], sigma, condition, text)
+        assert logit.shape == (2, z0[0, 0].numel())
+        torch.testing.assert_close(velocity, alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logit, alone_logits, rtol=1e-4, atol=1e-5)  # batch-size rounding
+
+
 @pytest.mark.slow
 def test_tiny_distillation_fits_chain_and_keep_teachers_out_of_checkpoints(
     parts, tiny_latents, sample_shards, tmp_path
