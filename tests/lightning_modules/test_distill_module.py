@@ -1,6 +1,7 @@
 """The refiner-distillation modules (§2.4.3): the CFG target with the pipeline's unconditional branch, the
-progressive target and its round check, the SiDA networks, and the three tiny fits chained by init_from, each
-keeping its teacher out of its checkpoint."""
+progressive target and its round check, the SiDA networks and their one fake-score forward, the three tiny fits
+chained by init_from, each keeping its teacher out of its checkpoint, and SiDA sharded (FSDP2) and
+context-parallel over two gloo processes against one process."""
 
 from __future__ import annotations
 
@@ -261,8 +262,9 @@ def test_sida_fit_sharded_and_context_parallel_matches_one_process(
     parts, tiny_latents, sample_shards, tmp_path
 ):
     """dp1 × cp2 over two gloo processes, FSDP sharding the generator, the fake score and the discriminator
-    head over both: each rank sees every token of the sample, so the per-step losses are those of one process —
-    the second step's through the first step's updates of all three networks."""
+    head over both ranks, which read the same sample and split its tokens: the per-step losses are those of one
+    process — the second step's through the first step's updates of all three networks (the head's and the fake
+    score's gradients averaged over the ranks by FSDP)."""
     one = sida_fit(parts, tiny_latents, sample_shards, tmp_path / "one")
     two = sida_fit(
         parts,
