@@ -175,13 +175,16 @@ class DiscriminatorHead(nn.Module):
     """SiDA's discriminator on the fake-score network's features: LayerNorm + linear, one logit per token.
 
     The fake-score network is the discriminator's body (SiDA shares its encoder): the head reads the tokens
-    ``B×N×dim`` one of its blocks outputs and is trained with it.
+    ``B×N×dim`` one of its blocks outputs and is trained with it. It starts undecided (zero linear layer: every
+    logit 0), so a run starts alike whatever random numbers were drawn before it is built.
     """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.linear = nn.Linear(dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``B×N×dim`` → ``B×N`` logits (float32)."""

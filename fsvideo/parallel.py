@@ -42,7 +42,8 @@ padding and no key mask (which would take flash-attn off); only the final all-ga
 by one token and drops the padding. A rank may hold no token at all (a still of fewer tokens than cp).
 
 Contract of a network: its repeated blocks are ``network.blocks``, an ``nn.ModuleList`` that ``forward``
-calls in turn (``fsvideo.dit.DiT`` does). A block may be called again with the same arguments for
+calls in turn (``fsvideo.dit.DiT`` does); checkpointing and compile need them, while FSDP shards a network
+without ``blocks`` (a small head) as one group. A block may be called again with the same arguments for
 recomputation, so an argument that ``forward`` mutates later (the DiT's Layer Memory history) must be
 passed as a snapshot.
 
@@ -290,12 +291,13 @@ def apply_fsdp(
     mixed_precision: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
 ) -> None:
-    """``fully_shard`` each of ``network.blocks``, then ``network`` (its remaining parameters), over
-    ``mesh`` (1-D: FSDP; 2-D (replicate, shard): HSDP)."""
+    """``fully_shard`` each of ``network.blocks``, then ``network`` (its remaining parameters; all of them
+    for a network without ``blocks``, such as a small head), over ``mesh`` (1-D: FSDP; 2-D (replicate,
+    shard): HSDP)."""
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mixed_precision is not None:
         kwargs["mp_policy"] = mixed_precision
-    for block in _blocks(network):
+    for block in getattr(network, "blocks", ()):
         fully_shard(block, **kwargs)
     fully_shard(network, **kwargs)
 
@@ -313,8 +315,8 @@ def parallelize(
             twin, whose weights are averaged shard by shard into its network's (checkpointing a twin costs
             nothing, as it never runs a backward).
         frozen: networks that never train: set to eval with ``requires_grad`` off; gradients may still flow
-            through them to their inputs (a reward model). One that gets no per-block step (``compile`` off,
-            and not sharded) needs no ``blocks``. Under context parallel, a network without a
+            through them to their inputs (a reward model). One that gets no per-block step (``compile`` off)
+            needs no ``blocks``. Under context parallel, a network without a
             ``sequence_parallel`` hook (a reward model, an upsampler) runs whole on every cp rank.
         config: what to apply.
         mesh: the devices (``device_mesh``); required with ``config.fsdp`` or ``context_parallel`` > 1. 1-D: FSDP
@@ -355,7 +357,7 @@ def parallelize(
             continue
         checkpoints = config.activation_checkpointing and trains
         shards = config.fsdp and (trains or config.frozen == "shard")
-        if checkpoints or config.compile or shards:
+        if checkpoints or config.compile:
             _blocks(network)  # every network's contract is checked before any is changed
         plans.append((network, trains, checkpoints, shards))
     for network, trains, checkpoints, shards in plans:

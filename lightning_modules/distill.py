@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -300,7 +300,8 @@ class RefinerSiDAModule(RefinerDistillModule):
 
     1. fake score + discriminator (their own optimizer; not a ``global_step``): a generator sample ``x_g``
        without gradient; the fake-score network's flow-matching loss on ``x_g`` at a training σ, plus the
-       logistic loss of the discriminator head on its features of the real latent vs ``x_g``, noised alike.
+       logistic loss of the discriminator head on its features of the real latent vs ``x_g``, noised alike (one
+       forward of the fake score on both).
     2. generator: a slot k is drawn uniformly from the ``steps`` Euler steps; the sampler runs steps < k
        without gradient and steps ≥ k with it, so ``x_g`` carries the gradient of the last ``steps − k``
        evaluations (slot j trains in a fraction (j+1)/steps of the steps, the last always); then
@@ -330,6 +331,11 @@ class RefinerSiDAModule(RefinerDistillModule):
     def configure_model(self) -> None:
         super().configure_model()
         self.parallelize([self.fake_score], [], self.parallel)
+        # the head is one small group: sharded whole (FSDP then averages its gradients as the fake score's), in
+        # float32, never checkpointed or compiled; under context parallel its logits are gathered
+        # (fake_score_features)
+        head = replace(self.parallel, activation_checkpointing=False, compile=False, mixed_precision=None)
+        self.parallelize([self.discriminator], [], head)
 
     def distill_records(self) -> dict[str, Any]:
         return {DISTILLED_STEPS: self.sida.steps, DISTILLED_SHIFT: self.sida.shift}
@@ -352,29 +358,51 @@ class RefinerSiDAModule(RefinerDistillModule):
         )
 
     def fake_score_features(
-        self, z: torch.Tensor, sigma: torch.Tensor, condition: FrameCondition, text: TextConditions
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fake-score network's raw velocity ``B×C×t×h×w`` and the discriminator's logits ``B×N``."""
+        self,
+        latents: list[torch.Tensor],
+        sigma: torch.Tensor,
+        condition: FrameCondition,
+        text: TextConditions,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The fake-score network's raw velocities ``B×C×t×h×w`` and the discriminator's logits ``B×N`` of each
+        noisy latent of ``latents`` (``B×C×t×h×w``, all at ``sigma``), in one forward of them all.
+
+        One forward, because FSDP gathers a block's weights for the backward from a hook on that forward's
+        output: a second forward whose velocity no loss uses would leave its embeddings' weights freed when its
+        features' gradient reaches them. Under context parallel the head (per token) runs on this rank's tokens
+        and its logits are gathered, as the network gathers its output, so every cp rank computes the losses of
+        one process on all N tokens (and FSDP's average over the cp ranks gives one process's gradients)."""
+        count = len(latents)
+        tokens, mask, image = text
         captured: list[torch.Tensor] = []
         hook = self.fake_score.blocks[self.feature_block].register_forward_hook(
             lambda module, inputs, output: captured.append(output[0])
         )
         try:
-            tokens, mask, image = text
-            velocity = self.fake_score(condition.model_input(z), sigma.float(), tokens, image, mask)
+            velocity = self.fake_score(
+                torch.cat([condition.model_input(z) for z in latents]),  # (count·B, ·, t, h, w)
+                sigma.float().repeat(count),
+                tokens.repeat(count, 1, 1),
+                None if image is None else image.repeat(count, 1, 1),
+                None if mask is None else mask.repeat(count, 1),
+            )
         finally:
             hook.remove()
-        return velocity.float(), self.discriminator(captured[-1])
+        logits = self.discriminator(captured[-1])  # (count·B, N_r): this rank's tokens under context parallel
+        sequence_parallel = self.fake_score.sequence_parallel
+        if sequence_parallel is not None:  # as the network gathers its output: every cp rank then has all N
+            total = latents[0][0, 0].numel() // self.dit.config.patch_volume
+            logits = sequence_parallel.gather_tokens(logits.unsqueeze(-1), total).squeeze(-1)  # (count·B, N)
+        return list(velocity.float().chunk(count)), list(logits.chunk(count))
 
     def fake_score_losses(
         self, x_g: torch.Tensor, z0: torch.Tensor, condition: FrameCondition, text: TextConditions
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow matching of the fake score on generator samples, and the discriminator's loss (real ``z0``)."""
         sigma, noise = self.sample_sigma(x_g), torch.randn_like(x_g)
-        velocity, fake_logits = self.fake_score_features(
-            interpolate(x_g, noise, sigma), sigma, condition, text
+        (velocity, _), (fake_logits, real_logits) = self.fake_score_features(
+            [interpolate(x_g, noise, sigma), interpolate(z0, noise, sigma)], sigma, condition, text
         )
-        _, real_logits = self.fake_score_features(interpolate(z0, noise, sigma), sigma, condition, text)
         flow = self.velocity_loss(velocity, velocity_target(x_g, noise), condition)
         return flow, discriminator_loss([real_logits], [fake_logits])
 
@@ -385,7 +413,7 @@ class RefinerSiDAModule(RefinerDistillModule):
         sigma, noise = self.sample_sigma(x_g), torch.randn_like(x_g)
         z = interpolate(x_g, noise, sigma)
         v_real = self.velocity_fn(self.frozen["teacher"], condition, text, noise)(z, sigma)
-        v_fake, logits = self.fake_score_features(z, sigma, condition, text)
+        (v_fake,), (logits,) = self.fake_score_features([z], sigma, condition, text)
         v_fake = condition.fix_velocity(v_fake, noise)
         return sida_generator_losses(x_g, z, sigma, v_real, v_fake, logits, self.sida.alpha)
 

@@ -1,15 +1,18 @@
 """The refiner-distillation modules (§2.4.3): the CFG target with the pipeline's unconditional branch, the
-progressive target and its round check, the SiDA networks, and the three tiny fits chained by init_from, each
-keeping its teacher out of its checkpoint."""
+progressive target and its round check, the SiDA networks and their one fake-score forward, the three tiny fits
+chained by init_from, each keeping its teacher out of its checkpoint, and SiDA sharded (FSDP2) and
+context-parallel over two gloo processes against one process."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from two_process import SHARDED_FIT_ARGS, run_cli
 
 from callbacks.loss_history import read_loss_history
 from fsvideo import distill
@@ -142,6 +145,21 @@ def test_sida_networks_start_from_the_teacher_and_only_the_generator_is_saved(pa
     assert math.isfinite(loss.item())
 
 
+@torch.no_grad()
+def test_sida_fake_score_features_of_several_latents_are_those_of_one_forward_each(parts):
+    module = make_module(RefinerSiDAModule, parts, teacher="distilled")
+    batch = make_batch()
+    z0, condition, text = module.distill_inputs(batch, augment=False)
+    module.discriminator.linear.weight.normal_()  # off its zero start, so the logits differ per token
+    sigma, latents = torch.tensor([0.3, 0.8]), [torch.randn_like(z0), torch.randn_like(z0)]
+    velocities, logits = module.fake_score_features(latents, sigma, condition, text)
+    for z, velocity, logit in zip(latents, velocities, logits):
+        (alone,), (alone_logits,) = module.fake_score_features([z], sigma, condition, text)
+        assert logit.shape == (2, z0[0, 0].numel())
+        torch.testing.assert_close(velocity, alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logit, alone_logits, rtol=1e-4, atol=1e-5)  # batch-size rounding
+
+
 @pytest.mark.slow
 def test_tiny_distillation_fits_chain_and_keep_teachers_out_of_checkpoints(
     parts, tiny_latents, sample_shards, tmp_path
@@ -192,3 +210,68 @@ def test_tiny_distillation_fits_chain_and_keep_teachers_out_of_checkpoints(
         assert (teacher / "config.json").is_file()
     records = read_records(teacher)
     assert distill.refine_settings(records, None, str(teacher)) == SamplingSettings(8, 1.0, 3.0, "euler")
+
+
+def sida_fit(parts, tiny_latents, sample_shards, run_dir: Path, *args: str) -> np.ndarray:
+    """The per-step generator losses of a 2-step tiny SiDA ``fsvideo fit`` (noise and σ from the same seed
+    whatever the number of processes: ``ReseedAtTrainStart``)."""
+    encoders = {
+        "autoencoder": str(tiny_latents.fsae_run),
+        "text_encoder": str(tiny_latents.encoders["text"]),
+        "image_encoder": str(tiny_latents.encoders["image"]),
+        "text_len": TEXT_LEN,
+    }
+    run_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/tiny/refiner-distill-sida.yaml"),
+            f"--trainer.default_root_dir={run_dir}",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            "--checkpoint.every_n_train_steps=100",
+            "--trainer.callbacks=[callbacks.loss_history.LossHistory, two_process.ReseedAtTrainStart]",
+            "--wandb.mode=disabled",
+            f"--model.init_args.init_from={parts['distilled']}",
+            f"--model.init_args.teacher={parts['distilled']}",
+            f"--model.init_args.base_dit={parts['refiner']}",
+            f"--model.init_args.upsampler={parts['upsampler']}",
+            "--model.init_args.dit.latent_channels=8",
+            "--model.init_args.optimizer.warmup_steps=0",
+            "--model.init_args.sida.fake_score_optimizer.warmup_steps=0",
+            f"--data.init_args.encoders={yaml.safe_dump(encoders, default_flow_style=True).strip()}",
+            f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
+            f"--data.init_args.train_shards={sample_shards.root / 'train-000000.tar'}",
+            "--data.init_args.val_shards=null",
+            "--data.init_args.num_frames=5",
+            "--data.init_args.buckets.size=128",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batches_per_epoch=2",
+            *args,
+        ],
+        cwd=run_dir.parent,
+    )
+    steps, losses = read_loss_history(run_dir)
+    assert steps.tolist() == [1, 2] and np.isfinite(losses).all()
+    return losses
+
+
+@pytest.mark.slow
+def test_sida_fit_sharded_and_context_parallel_matches_one_process(
+    parts, tiny_latents, sample_shards, tmp_path
+):
+    """dp1 × cp2 over two gloo processes, FSDP sharding the generator, the fake score and the discriminator
+    head over both ranks, which read the same sample and split its tokens: the per-step losses are those of one
+    process — the second step's through the first step's updates of all three networks (the head's and the fake
+    score's gradients averaged over the ranks by FSDP)."""
+    one = sida_fit(parts, tiny_latents, sample_shards, tmp_path / "one")
+    two = sida_fit(
+        parts,
+        tiny_latents,
+        sample_shards,
+        tmp_path / "cp2",
+        *SHARDED_FIT_ARGS,
+        "--model.init_args.parallel.context_parallel=2",
+    )
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
