@@ -50,7 +50,7 @@ from fsvideo.distill import (
 from fsvideo.dit import DiT, FrameCondition
 from fsvideo.flow import VelocityFn, interpolate, pseudo_huber_loss, velocity_target
 from fsvideo.losses import discriminator_loss
-from fsvideo.pretrained import load_network, read_records
+from fsvideo.pretrained import build_network, load_weights, read_records, read_snapshot
 from lightning_modules.base import OptimizerConfig
 from lightning_modules.refiner import RefinerModule
 
@@ -324,13 +324,20 @@ class RefinerSiDAModule(RefinerDistillModule):
             raise ValueError(
                 f"sida.feature_block must index one of the {blocks} blocks, got {self.feature_block}."
             )
-        self.fake_score = load_network(teacher, DiT).train().requires_grad_(True)
+        self.fake_score_init = read_snapshot(teacher, expected=DiT)
+        """The teacher's weights (memory-mapped) the fake score starts from; sharded, it reads them in
+        ``configure_model``, each rank its own rows."""
+        device = "meta" if self.parallel.fsdp else "cpu"
+        self.fake_score = build_network(self.fake_score_init, DiT, device).train().requires_grad_(True)
         """The fake-score network: trained, checkpointed with the run, not exported."""
         self.discriminator = DiscriminatorHead(self.dit.config.dim)
 
     def configure_model(self) -> None:
         super().configure_model()
         self.parallelize([self.fake_score], [], self.parallel)
+        if any(param.is_meta for param in self.fake_score.parameters()):
+            self.fake_score.to_empty(device=self.trainer.strategy.root_device)
+            load_weights(self.fake_score, self.fake_score_init.weights, self.fake_score_init.source)
         # the head is one small group: sharded whole (FSDP then averages its gradients as the fake score's), in
         # float32, never checkpointed or compiled; under context parallel its logits are gathered
         # (fake_score_features)
