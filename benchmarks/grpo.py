@@ -13,7 +13,7 @@ with ReFL").
 
 Both use the tiny presets with random weights (DiT, FSAE, the tiny Qwen2-VL video reward of ``fsvideo rewards
 tiny-models``); only their widths are small, the clip is full length. Each mode runs in its own spawned process;
-peak memory is measured as in ``benchmarks/refl.py`` (GPU: peak allocated above the allocation before the step;
+peak memory is measured by ``benchmarks/measure.py`` (GPU: peak allocated above the allocation before the step;
 CPU: rise of the peak RSS above the resident size before the step), weights and inputs excluded. Ratio =
 mode / grpo.
 
@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from ae import resident_kib  # benchmarks/ is this script's import root
+from measure import PeakMemory, pin_mmap_threshold, run_spawned, timed  # benchmarks/ is the import root
 
 MODES = ("grpo", "refl")
 
@@ -126,40 +123,21 @@ def measure(mode: str, args: argparse.Namespace, models: dict[str, Path], result
         dit.zero_grad(set_to_none=True)
 
     step(5, fsae_config.spatial_compression)  # warm-up: lazily loaded kernels and allocator pools stay out
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() if cuda else resident_kib() * 1024
-    start = time.perf_counter()
-    step(args.frames, args.size)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    results.put((seconds, max(peak, 0)))
+    with PeakMemory(cuda) as peak:
+        _, seconds = timed(lambda: step(args.frames, args.size), cuda)
+    results.put((seconds, peak.bytes))
 
 
 def main() -> None:
     args = parse_args()
-    if args.device == "cpu":
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # freed tensors leave the RSS
+    pin_mmap_threshold(args.device)
     from fsvideo.rewards import save_tiny_reward_models
 
-    context = mp.get_context("spawn")
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         models = save_tiny_reward_models(folder)
         for mode in args.modes:
-            results = context.Queue()
-            process = context.Process(target=measure, args=(mode, args, models, results))
-            process.start()
-            process.join()
-            if process.exitcode != 0:
-                raise RuntimeError(f"{mode} failed (exit code {process.exitcode})")
-            rows[mode] = results.get()
+            rows[mode] = run_spawned(mode, measure, mode, args, models)
             print(f"  {mode:5s}: {rows[mode][0]:8.2f} s, peak +{rows[mode][1] / 2**20:8.0f} MiB")
 
     print(

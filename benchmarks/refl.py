@@ -10,7 +10,7 @@ the video reward (first frame + prompt) and the frame reward, the flow-matching 
 
 The networks are the tiny presets with random weights (DiT, FSAE, and the tiny Qwen2-VL / CLIP reward backbones
 of ``fsvideo rewards tiny-models``); only their widths are small, the clip is full length. Each variant runs in
-its own spawned process; peak memory is measured as in ``benchmarks/ae.py`` (GPU: peak allocated above the
+its own spawned process; peak memory is measured by ``benchmarks/measure.py`` (GPU: peak allocated above the
 allocation before the step; CPU: rise of the peak RSS above the resident size before the step, mmap threshold
 pinned so freed tensors leave the RSS), weights and inputs excluded. The ratio is full / truncated.
 
@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from ae import resident_kib  # benchmarks/ is this script's import root
+from measure import PeakMemory, pin_mmap_threshold, run_spawned, timed  # benchmarks/ is the import root
 
 VARIANTS = ("truncated", "full")
 
@@ -131,40 +128,21 @@ def measure(variant: str, args: argparse.Namespace, models: dict[str, Path], res
         return video.shape[2]
 
     step(5, fsae_config.spatial_compression)  # warm-up: lazily loaded kernels and allocator pools stay out
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() if cuda else resident_kib() * 1024
-    start = time.perf_counter()
-    frames = step(args.frames, args.size)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    results.put((seconds, max(peak, 0), frames))
+    with PeakMemory(cuda) as peak:
+        frames, seconds = timed(lambda: step(args.frames, args.size), cuda)
+    results.put((seconds, peak.bytes, frames))
 
 
 def main() -> None:
     args = parse_args()
-    if args.device == "cpu":
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # freed tensors leave the RSS
+    pin_mmap_threshold(args.device)
     from fsvideo.rewards import save_tiny_reward_models
 
-    context = mp.get_context("spawn")
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         models = save_tiny_reward_models(folder)
         for variant in args.variants:
-            results = context.Queue()
-            process = context.Process(target=measure, args=(variant, args, models, results))
-            process.start()
-            process.join()
-            if process.exitcode != 0:
-                raise RuntimeError(f"{variant} failed (exit code {process.exitcode})")
-            rows[variant] = results.get()
+            rows[variant] = run_spawned(variant, measure, variant, args, models)
             seconds, peak, frames = rows[variant]
             print(
                 f"  {variant:10s}: {seconds:8.2f} s, peak +{peak / 2**20:8.0f} MiB, {frames} frames decoded"
