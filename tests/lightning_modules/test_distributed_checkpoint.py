@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from run_dirs import latent_cache_args
 from safetensors.torch import load_file
 from two_process import REPO, SHARDED_FIT_ARGS, run_cli
 
@@ -48,11 +49,7 @@ def fit(run_dir: Path, cache: Path, max_steps: int, processes: int, *extra: str)
         "--checkpoint.filename=step-{step}",
         "--checkpoint.auto_insert_metric_name=false",
         "--wandb.mode=disabled",
-        f"--data.init_args.train_cache={cache}",
-        "--data.init_args.val_cache=null",
-        "--data.init_args.image_fraction=null",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batches_per_epoch=4",
+        *latent_cache_args(cache),
         "--model.init_args.init_from=null",
         "--model.init_args.dit.latent_channels=8",
         *extra,

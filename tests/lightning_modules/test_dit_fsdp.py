@@ -9,11 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_dirs import latent_cache_args, write_dit_stage_checkpoint
 from two_process import REPO, SHARDED_FIT_ARGS, run_cli
-
-from fsvideo.dit import DiTConfig
-from fsvideo.latent_space import LatentStats
-from lightning_modules.dit import DiTModule
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +29,7 @@ def fit(run_dir: Path, cache: Path, init_from: Path, max_steps: int, *extra: str
         "--trainer.callbacks=[]",
         "--checkpoint.every_n_train_steps=2",
         "--wandb.mode=disabled",
-        f"--data.init_args.train_cache={cache}",
-        "--data.init_args.val_cache=null",
-        "--data.init_args.image_fraction=null",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batches_per_epoch=4",
+        *latent_cache_args(cache),
         f"--model.init_args.init_from={init_from}",
         "--model.init_args.dit.latent_channels=8",
         "--model.init_args.ema_decay=1.0",
@@ -47,11 +40,8 @@ def fit(run_dir: Path, cache: Path, init_from: Path, max_steps: int, *extra: str
 
 
 def test_sharded_dit_trains_saves_one_file_and_resumes(tiny_latents, tmp_path):
-    torch.manual_seed(1)
-    source = DiTModule(DiTConfig.tiny(), ema_decay=0.9)
-    source.set_latent_stats(LatentStats([0.0] * 8, [1.0] * 8, 1))
     init_from = tmp_path / "init.ckpt"
-    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, init_from)
+    source = write_dit_stage_checkpoint(init_from)
     start = {k: v for k, v in source.state_dict().items() if k.startswith("dit.")}
     run_dir = tmp_path / "run"
 
