@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from measure import PeakMemory, pin_mmap_threshold, run_spawned, timed  # benchmarks/ is the import root
+from refl import random_clip, tiny_networks  # the same networks and clip as benchmarks/refl.py
 
 MODES = ("grpo", "refl")
 
@@ -57,31 +58,12 @@ def parse_args() -> argparse.Namespace:
 
 def measure(mode: str, args: argparse.Namespace, models: dict[str, Path], results: mp.Queue) -> None:
     """Runs in a fresh process: one step of ``mode``; reports time and peak memory."""
-    from fsvideo.ae import FSAE, FSAEConfig
-    from fsvideo.dit import DiT, DiTConfig, image_to_video
     from fsvideo.flow import sigma_schedule
     from fsvideo.grpo import group_advantages, rollout, window_losses
     from fsvideo.refl import ReFLConfig, decode_for_reward, predict_with_last_step_gradient
-    from fsvideo.rewards import VideoReward, VideoRewardConfig
 
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
-    torch.manual_seed(0)
-    fsae_config = FSAEConfig.tiny()
-    autoencoder = FSAE(fsae_config)
-    autoencoder.init_weights()
-    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
-    dit = DiT(DiTConfig.tiny(latent_channels=fsae_config.latent_channels)).to(device)
-    video_reward = VideoReward.from_backbone(
-        VideoRewardConfig(
-            backbone=str(models["qwen2_vl"]),
-            input_fps=24.0,
-            sample_fps=2.0,
-            max_frames=args.frames,
-            frame_height=56,
-            frame_width=56,
-        ),
-        device,
-    ).requires_grad_(False)
+    fsae_config, autoencoder, dit, video_reward = tiny_networks(args, models, sample_fps=2.0)
     config = ReFLConfig(
         steps=args.steps,
         gradient_steps=(args.steps - 2, args.steps - 2),
@@ -94,10 +76,7 @@ def measure(mode: str, args: argparse.Namespace, models: dict[str, Path], result
     prompts = ["a cat walks across the garden in morning light"] * b
 
     def step(frames: int, size: int) -> None:
-        z0 = torch.randn(b, *fsae_config.latent_shape(frames, size, size), device=device)
-        text = (torch.randn(b, 16, 32, device=device), torch.ones(b, 16, dtype=torch.bool, device=device))
-        image = torch.randn(b, 4, 32, device=device)
-        condition = image_to_video(z0[:, :, :1], z0.shape[2], dit.config.mask_channels)
+        z0, text, image, condition = random_clip(fsae_config, dit, b, frames, size, device)
         noise = torch.randn_like(z0)
         if mode == "refl":
             z0_hat = predict_with_last_step_gradient(

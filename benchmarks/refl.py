@@ -58,10 +58,51 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def tiny_networks(args: argparse.Namespace, models: dict[str, Path], sample_fps: float) -> tuple:
+    """In the measuring process, seeded with 0: the tiny FSAE's config, the FSAE (frozen), the tiny DiT and the video
+    reward on ``models["qwen2_vl"]`` (frozen, 56² frames sampled at ``sample_fps`` of a 24 fps clip of
+    ``args.frames``), on ``args.device``. Shared with ``benchmarks/grpo.py``."""
+    from fsvideo.ae import FSAE, FSAEConfig
+    from fsvideo.dit import DiT, DiTConfig
+    from fsvideo.rewards import VideoReward, VideoRewardConfig
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    fsae_config = FSAEConfig.tiny()
+    autoencoder = FSAE(fsae_config)
+    autoencoder.init_weights()
+    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
+    dit = DiT(DiTConfig.tiny(latent_channels=fsae_config.latent_channels)).to(device)
+    video_reward = VideoReward.from_backbone(
+        VideoRewardConfig(
+            backbone=str(models["qwen2_vl"]),
+            input_fps=24.0,
+            sample_fps=sample_fps,
+            max_frames=args.frames,
+            frame_height=56,
+            frame_width=56,
+        ),
+        device,
+    ).requires_grad_(False)
+    return fsae_config, autoencoder, dit, video_reward
+
+
+def random_clip(
+    fsae_config, dit: torch.nn.Module, batch: int, frames: int, size: int, device: torch.device
+) -> tuple:
+    """A random clip latent ``z0`` of ``frames`` × ``size``², random text (tokens, mask) and image tokens, and the
+    image-to-video condition on its first latent frame."""
+    from fsvideo.dit import image_to_video
+
+    z0 = torch.randn(batch, *fsae_config.latent_shape(frames, size, size), device=device)
+    text = (torch.randn(batch, 16, 32, device=device), torch.ones(batch, 16, dtype=torch.bool, device=device))
+    image = torch.randn(batch, 4, 32, device=device)
+    condition = image_to_video(z0[:, :, :1], z0.shape[2], dit.config.mask_channels)
+    return z0, text, image, condition
+
+
 def measure(variant: str, args: argparse.Namespace, models: dict[str, Path], results: mp.Queue) -> None:
     """Runs in a fresh process: one ReFL step of ``variant``; reports time, peak memory and decoded frames."""
-    from fsvideo.ae import FSAE, FSAEConfig
-    from fsvideo.dit import DiT, DiTConfig, image_to_video
     from fsvideo.flow import interpolate, pseudo_huber_loss, velocity_target
     from fsvideo.refl import (
         ReFLConfig,
@@ -70,27 +111,11 @@ def measure(variant: str, args: argparse.Namespace, models: dict[str, Path], res
         refl_objective,
         score_video,
     )
-    from fsvideo.rewards import FrameReward, FrameRewardConfig, VideoReward, VideoRewardConfig
+    from fsvideo.rewards import FrameReward, FrameRewardConfig
 
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
-    torch.manual_seed(0)
-    fsae_config = FSAEConfig.tiny()
-    autoencoder = FSAE(fsae_config)
-    autoencoder.init_weights()
-    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
-    dit = DiT(DiTConfig.tiny(latent_channels=fsae_config.latent_channels)).to(device)
+    fsae_config, autoencoder, dit, video_reward = tiny_networks(args, models, args.sample_fps)
     truncated = variant == "truncated"
-    video_reward = VideoReward.from_backbone(
-        VideoRewardConfig(
-            backbone=str(models["qwen2_vl"]),
-            input_fps=24.0,
-            sample_fps=args.sample_fps,
-            max_frames=args.frames,
-            frame_height=56,
-            frame_width=56,
-        ),
-        device,
-    ).requires_grad_(False)
     frame_reward = FrameReward.from_backbone(
         FrameRewardConfig(
             backbone=str(models["clip"]), frames_with_grad=args.frames_with_grad if truncated else args.frames
@@ -109,11 +134,8 @@ def measure(variant: str, args: argparse.Namespace, models: dict[str, Path], res
 
     def step(frames: int, size: int) -> int:
         """One ReFL step on a random clip latent of ``frames`` × ``size``²; returns the frames decoded."""
-        z0 = torch.randn(b, *fsae_config.latent_shape(frames, size, size), device=device)
-        text = (torch.randn(b, 16, 32, device=device), torch.ones(b, 16, dtype=torch.bool, device=device))
+        z0, text, image, condition = random_clip(fsae_config, dit, b, frames, size, device)
         negative = (torch.zeros(b, 16, 32, device=device), text[1])
-        image = torch.randn(b, 4, 32, device=device)
-        condition = image_to_video(z0[:, :, :1], z0.shape[2], dit.config.mask_channels)
         z0_hat = predict_with_last_step_gradient(
             dit, condition, text, negative, image, torch.randn_like(z0), config, 6
         )
