@@ -20,6 +20,8 @@ from fsvideo.latent_space import LatentStats
 from fsvideo.pretrained import MANIFEST_KEY, load_network, network_manifest_entry
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 
+REPO = Path(__file__).resolve().parents[1]
+
 FRAMES, HEIGHT, WIDTH = 5, 128, 64
 """Video size of ``write_tiny_runs``' pipeline config."""
 
@@ -133,6 +135,21 @@ def write_test_image(path: Path, height: int = 96, width: int = 160, mode: str =
     rgb = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 9.0)], axis=-1).astype(np.uint8)
     Image.fromarray(rgb).convert(mode).save(path)
     return path
+
+
+def tiny_fit_args(config: str, run_dir: Path, max_steps: int) -> list[str]:
+    """The start of an `fsvideo fit` of ``configs/tiny/<config>`` into ``run_dir`` for ``max_steps`` steps, without
+    validation, progress bar or wandb."""
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs/tiny" / config),
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--wandb.mode=disabled",
+    ]
 
 
 def tiny_latent_encoders(tiny_latents: Any) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from run_dirs import latent_cache_args, shard_data_args, write_dit_stage_checkpoint
-from two_process import REPO, SHARDED_FIT_ARGS, run_cli
+from run_dirs import latent_cache_args, shard_data_args, tiny_fit_args, write_dit_stage_checkpoint
+from two_process import SHARDED_FIT_ARGS, run_cli
 
 from callbacks.loss_history import read_loss_history
 from fsvideo.dit import DiT, DiTConfig
@@ -30,16 +30,9 @@ def fit(run_dir: Path, config: str, steps: int, *args: str) -> np.ndarray:
     same seed whatever the number of processes: ``ReseedAtTrainStart``)."""
     run_cli(
         [
-            "fit",
-            "--config",
-            str(REPO / "configs/tiny" / config),
-            f"--trainer.default_root_dir={run_dir}",
-            f"--trainer.max_steps={steps}",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false",
+            *tiny_fit_args(config, run_dir, steps),
             "--checkpoint.every_n_train_steps=100",
             "--trainer.callbacks=[callbacks.loss_history.LossHistory, two_process.ReseedAtTrainStart]",
-            "--wandb.mode=disabled",
             "--model.init_args.dit.latent_channels=8",
             "--model.init_args.optimizer.warmup_steps=0",
             *args,

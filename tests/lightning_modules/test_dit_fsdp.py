@@ -9,26 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_dirs import latent_cache_args, write_dit_stage_checkpoint
-from two_process import REPO, SHARDED_FIT_ARGS, run_cli
+from run_dirs import latent_cache_args, tiny_fit_args, write_dit_stage_checkpoint
+from two_process import SHARDED_FIT_ARGS, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def fit(run_dir: Path, cache: Path, init_from: Path, max_steps: int, *extra: str) -> None:
     args = [
-        "fit",
-        "--config",
-        str(REPO / "configs/tiny/dit-pretrain-video.yaml"),
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.max_steps={max_steps}",
+        *tiny_fit_args("dit-pretrain-video.yaml", run_dir, max_steps),
         *SHARDED_FIT_ARGS,
         "--trainer.precision=bf16-mixed",  # as the paper configs
-        "--trainer.limit_val_batches=0",
-        "--trainer.enable_progress_bar=false",
         "--trainer.callbacks=[]",
         "--checkpoint.every_n_train_steps=2",
-        "--wandb.mode=disabled",
         *latent_cache_args(cache),
         f"--model.init_args.init_from={init_from}",
         "--model.init_args.dit.latent_channels=8",

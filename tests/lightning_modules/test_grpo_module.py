@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_dirs import shard_data_args
+from run_dirs import shard_data_args, tiny_fit_args
 from toy_networks import CHANNELS, toy_conditions, toy_decoder, toy_dit
 from two_process import SHARDED_FIT_ARGS, run_cli
 
@@ -29,7 +29,6 @@ from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 from lightning_modules.cli import FSVideoCLI
 from lightning_modules.grpo import GRPOConfig, RefinerGRPOModule, repeat_condition
 
-REPO = Path(__file__).resolve().parents[2]
 DECODE = ReFLConfig(decoded_latent_frames=0, decoder_chunk_latent_frames=0)
 """Decode every latent frame in one pass (the toy clips have 3)."""
 
@@ -180,6 +179,17 @@ def test_module_checks_its_refiner_and_window_and_keeps_the_distilled_records(pa
     assert repeated.latent[:, 0, 0, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]  # groups are contiguous
 
 
+def grpo_fit_args(parts, video_reward, run_dir: Path) -> list[str]:
+    """A 2-step `fsvideo fit` of configs/tiny/refiner-grpo.yaml from the distilled refiner of ``parts``."""
+    return [
+        *tiny_fit_args("refiner-grpo.yaml", run_dir, 2),
+        f"--model.init_args.init_from={parts['refiner']}",
+        f"--model.init_args.video_reward={video_reward}",
+        f"--model.init_args.upsampler={parts['upsampler']}",
+        "--model.init_args.dit.latent_channels=8",
+    ]
+
+
 @pytest.mark.slow
 def test_fit_of_the_tiny_config_trains_against_a_video_reward(
     parts, video_reward, tiny_latents, sample_shards, tmp_path
@@ -189,18 +199,7 @@ def test_fit_of_the_tiny_config_trains_against_a_video_reward(
     run_dir = tmp_path / "run"
     cli = FSVideoCLI(
         args=[
-            "fit",
-            "--config",
-            str(REPO / "configs/tiny/refiner-grpo.yaml"),
-            f"--trainer.default_root_dir={run_dir}",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false",
-            "--wandb.mode=disabled",
-            f"--model.init_args.init_from={parts['refiner']}",
-            f"--model.init_args.video_reward={video_reward}",
-            f"--model.init_args.upsampler={parts['upsampler']}",
-            "--model.init_args.dit.latent_channels=8",
+            *grpo_fit_args(parts, video_reward, run_dir),
             "--model.init_args.grpo.updates_per_rollout=1",
             "--model.init_args.watch.every_n_steps=1",
             *shard_data_args(tiny_latents, sample_shards, batches_per_epoch=2, val_shards=sample_shards.val),
@@ -228,19 +227,8 @@ def test_groups_span_two_sharded_gloo_ranks(parts, video_reward, tiny_latents, s
     run_dir = tmp_path / "run"
     run_cli(
         [
-            "fit",
-            "--config",
-            str(REPO / "configs/tiny/refiner-grpo.yaml"),
+            *grpo_fit_args(parts, video_reward, run_dir),
             *SHARDED_FIT_ARGS,
-            f"--trainer.default_root_dir={run_dir}",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false",
-            "--wandb.mode=disabled",
-            f"--model.init_args.init_from={parts['refiner']}",
-            f"--model.init_args.video_reward={video_reward}",
-            f"--model.init_args.upsampler={parts['upsampler']}",
-            "--model.init_args.dit.latent_channels=8",
             "--model.init_args.watch.every_n_steps=0",
             *shard_data_args(tiny_latents, sample_shards, batches_per_epoch=2),
         ],

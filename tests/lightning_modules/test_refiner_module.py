@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_dirs import shard_data_args
+from run_dirs import shard_data_args, tiny_fit_args
 
 from callbacks.loss_history import read_loss_history
 from fsvideo.dit import DiT, DiTConfig, image_to_video
@@ -20,7 +20,6 @@ from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 from lightning_modules.cli import FSVideoCLI
 from lightning_modules.refiner import RefinerModule
 
-REPO = Path(__file__).resolve().parents[2]
 CHANNELS, TEXT_LEN = 8, 16
 
 
@@ -151,15 +150,8 @@ def test_tiny_refiner_fit_keeps_frozen_networks_out_of_its_checkpoint(
     run_dir = tmp_path / "run"
     FSVideoCLI(
         args=[
-            "fit",
-            "--config",
-            str(REPO / "configs/tiny/refiner-pretrain.yaml"),
-            f"--trainer.default_root_dir={run_dir}",
-            "--trainer.max_steps=3",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false",
+            *tiny_fit_args("refiner-pretrain.yaml", run_dir, 3),
             "--trainer.callbacks=[{class_path: callbacks.loss_history.LossHistory}, {class_path: callbacks.export.ExportNetworks}]",
-            "--wandb.mode=disabled",
             f"--model.init_args.init_from={parts['base']}",
             f"--model.init_args.base_dit={parts['base']}",
             f"--model.init_args.upsampler={parts['upsampler']}",
