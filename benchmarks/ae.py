@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import resource
-import time
 
 import torch
+from measure import PeakMemory, pin_mmap_threshold, run_spawned, timed  # benchmarks/ is the import root
 
 MODELS = ("fsae-tiny", "fsae-paper", "wan")
 
@@ -78,11 +76,6 @@ def build(name: str, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, 
     return model.eval(), spatial, temporal, channels
 
 
-def resident_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
-
-
 def measure(name: str, direction: str, args: argparse.Namespace, results: mp.Queue) -> None:
     """Runs in a fresh process: time ``direction`` of ``name`` and report its peak memory."""
     dtype = getattr(torch, args.dtype)
@@ -110,23 +103,13 @@ def measure(name: str, direction: str, args: argparse.Namespace, results: mp.Que
         decode(encode(torch.zeros(1, 3, 1, 64, 64, device=args.device, dtype=dtype)))  # load the kernels
         for _ in range(args.warmup):
             call(x)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() if cuda else resident_kib() * 1024
-        best = float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = call(x)
-            if cuda:
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        if cuda:
-            peak = torch.cuda.max_memory_allocated() - before
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        with PeakMemory(cuda) as peak:
+            best = float("inf")
+            for _ in range(args.repeats):
+                out, seconds = timed(lambda: call(x), cuda)
+                best = min(best, seconds)
     params = sum(p.numel() for p in model.parameters())
-    results.put((name, direction, best, max(peak, 0), params, latent_shape, tuple(out.shape)))
+    results.put((name, direction, best, peak.bytes, params, latent_shape, tuple(out.shape)))
 
 
 def tokens(name: str, latent_shape: tuple[int, ...]) -> int:
@@ -136,21 +119,13 @@ def tokens(name: str, latent_shape: tuple[int, ...]) -> int:
 
 def main() -> None:
     args = parse_args()
-    if args.device == "cpu":
-        # Big allocations then come from mmap and go back to the OS when freed: the peak RSS tracks
-        # live tensors instead of what malloc's arenas kept.
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
-    context = mp.get_context("spawn")
+    pin_mmap_threshold(args.device)
     rows: dict[str, dict] = {}
     for name in args.models:
         for direction in ("encode", "decode"):
-            results = context.Queue()
-            process = context.Process(target=measure, args=(name, direction, args, results))
-            process.start()
-            process.join()
-            if process.exitcode != 0:
-                raise RuntimeError(f"{name} {direction} failed (exit code {process.exitcode})")
-            _, _, seconds, peak, params, latent_shape, out_shape = results.get()
+            _, _, seconds, peak, params, latent_shape, out_shape = run_spawned(
+                f"{name} {direction}", measure, name, direction, args
+            )
             row = rows.setdefault(name, {"params": params, "latent": latent_shape})
             row[direction] = (seconds, peak)
             print(

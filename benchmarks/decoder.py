@@ -3,7 +3,7 @@
 Both decoders have random weights at the paper's widths (``FSAEConfig.paper().with_decoder_variant``:
 Lite halves the two outer decoder stages and uses group-causal convs) and decode one latent of the
 clip size with first-frame features of the matching shapes and seeded noise. Each variant runs in its
-own spawned process and its peak memory is measured as in ``benchmarks/ae.py`` (GPU: peak allocated;
+own spawned process and its peak memory is measured by ``benchmarks/measure.py`` (GPU: peak allocated;
 CPU: rise of the peak RSS above the resident size before the call, mmap threshold pinned), weights
 excluded. ``lite-chunk`` is Lite with temporal splitting (exact for Lite, impossible for Standard).
 The paper reports Lite at 1.75–2× less memory than Standard.
@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import resource
-import time
 
 import torch
-from ae import resident_kib  # benchmarks/ is this script's import root
+from measure import PeakMemory, pin_mmap_threshold, run_spawned, timed  # benchmarks/ is the import root
 
 VARIANTS = ("standard", "lite", "lite-chunk")
 
@@ -77,39 +74,21 @@ def measure(variant: str, args: argparse.Namespace, results: mp.Queue) -> None:
     with torch.no_grad():
         s = config.spatial_compression
         decode(torch.zeros(1, config.latent_channels, 1, 1, 1, device=device, dtype=dtype), features(s))
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() if cuda else resident_kib() * 1024
-        best = float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = decode(latent, clip_features)
-            if cuda:
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        if cuda:
-            peak = torch.cuda.max_memory_allocated() - before
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        with PeakMemory(cuda) as peak:
+            best = float("inf")
+            for _ in range(args.repeats):
+                out, seconds = timed(lambda: decode(latent, clip_features), cuda)
+                best = min(best, seconds)
     params = sum(p.numel() for p in model.decoder.parameters())
-    results.put((best, max(peak, 0), params, tuple(out.shape)))
+    results.put((best, peak.bytes, params, tuple(out.shape)))
 
 
 def main() -> None:
     args = parse_args()
-    if args.device == "cpu":
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # freed tensors leave the RSS
-    context = mp.get_context("spawn")
+    pin_mmap_threshold(args.device)
     rows = {}
     for variant in args.variants:
-        results = context.Queue()
-        process = context.Process(target=measure, args=(variant, args, results))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"{variant} failed (exit code {process.exitcode})")
-        rows[variant] = results.get()
+        rows[variant] = run_spawned(variant, measure, variant, args)
         seconds, peak, _, shape = rows[variant]
         print(f"  {variant:10s}: {seconds:8.2f} s, peak +{peak / 2**20:8.0f} MiB, out {shape}")
 

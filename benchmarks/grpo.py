@@ -13,7 +13,7 @@ with ReFL").
 
 Both use the tiny presets with random weights (DiT, FSAE, the tiny Qwen2-VL video reward of ``fsvideo rewards
 tiny-models``); only their widths are small, the clip is full length. Each mode runs in its own spawned process;
-peak memory is measured as in ``benchmarks/refl.py`` (GPU: peak allocated above the allocation before the step;
+peak memory is measured by ``benchmarks/measure.py`` (GPU: peak allocated above the allocation before the step;
 CPU: rise of the peak RSS above the resident size before the step), weights and inputs excluded. Ratio =
 mode / grpo.
 
@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from ae import resident_kib  # benchmarks/ is this script's import root
+from measure import PeakMemory, pin_mmap_threshold, run_spawned, timed  # benchmarks/ is the import root
+from refl import random_clip, tiny_networks  # the same networks and clip as benchmarks/refl.py
 
 MODES = ("grpo", "refl")
 
@@ -60,31 +58,12 @@ def parse_args() -> argparse.Namespace:
 
 def measure(mode: str, args: argparse.Namespace, models: dict[str, Path], results: mp.Queue) -> None:
     """Runs in a fresh process: one step of ``mode``; reports time and peak memory."""
-    from fsvideo.ae import FSAE, FSAEConfig
-    from fsvideo.dit import DiT, DiTConfig, image_to_video
     from fsvideo.flow import sigma_schedule
     from fsvideo.grpo import group_advantages, rollout, window_losses
     from fsvideo.refl import ReFLConfig, decode_for_reward, predict_with_last_step_gradient
-    from fsvideo.rewards import VideoReward, VideoRewardConfig
 
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
-    torch.manual_seed(0)
-    fsae_config = FSAEConfig.tiny()
-    autoencoder = FSAE(fsae_config)
-    autoencoder.init_weights()
-    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
-    dit = DiT(DiTConfig.tiny(latent_channels=fsae_config.latent_channels)).to(device)
-    video_reward = VideoReward.from_backbone(
-        VideoRewardConfig(
-            backbone=str(models["qwen2_vl"]),
-            input_fps=24.0,
-            sample_fps=2.0,
-            max_frames=args.frames,
-            frame_height=56,
-            frame_width=56,
-        ),
-        device,
-    ).requires_grad_(False)
+    fsae_config, autoencoder, dit, video_reward = tiny_networks(args, models, sample_fps=2.0)
     config = ReFLConfig(
         steps=args.steps,
         gradient_steps=(args.steps - 2, args.steps - 2),
@@ -97,10 +76,7 @@ def measure(mode: str, args: argparse.Namespace, models: dict[str, Path], result
     prompts = ["a cat walks across the garden in morning light"] * b
 
     def step(frames: int, size: int) -> None:
-        z0 = torch.randn(b, *fsae_config.latent_shape(frames, size, size), device=device)
-        text = (torch.randn(b, 16, 32, device=device), torch.ones(b, 16, dtype=torch.bool, device=device))
-        image = torch.randn(b, 4, 32, device=device)
-        condition = image_to_video(z0[:, :, :1], z0.shape[2], dit.config.mask_channels)
+        z0, text, image, condition = random_clip(fsae_config, dit, b, frames, size, device)
         noise = torch.randn_like(z0)
         if mode == "refl":
             z0_hat = predict_with_last_step_gradient(
@@ -126,40 +102,21 @@ def measure(mode: str, args: argparse.Namespace, models: dict[str, Path], result
         dit.zero_grad(set_to_none=True)
 
     step(5, fsae_config.spatial_compression)  # warm-up: lazily loaded kernels and allocator pools stay out
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() if cuda else resident_kib() * 1024
-    start = time.perf_counter()
-    step(args.frames, args.size)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    results.put((seconds, max(peak, 0)))
+    with PeakMemory(cuda) as peak:
+        _, seconds = timed(lambda: step(args.frames, args.size), cuda)
+    results.put((seconds, peak.bytes))
 
 
 def main() -> None:
     args = parse_args()
-    if args.device == "cpu":
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # freed tensors leave the RSS
+    pin_mmap_threshold(args.device)
     from fsvideo.rewards import save_tiny_reward_models
 
-    context = mp.get_context("spawn")
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         models = save_tiny_reward_models(folder)
         for mode in args.modes:
-            results = context.Queue()
-            process = context.Process(target=measure, args=(mode, args, models, results))
-            process.start()
-            process.join()
-            if process.exitcode != 0:
-                raise RuntimeError(f"{mode} failed (exit code {process.exitcode})")
-            rows[mode] = results.get()
+            rows[mode] = run_spawned(mode, measure, mode, args, models)
             print(f"  {mode:5s}: {rows[mode][0]:8.2f} s, peak +{rows[mode][1] / 2**20:8.0f} MiB")
 
     print(

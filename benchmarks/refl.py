@@ -10,7 +10,7 @@ the video reward (first frame + prompt) and the frame reward, the flow-matching 
 
 The networks are the tiny presets with random weights (DiT, FSAE, and the tiny Qwen2-VL / CLIP reward backbones
 of ``fsvideo rewards tiny-models``); only their widths are small, the clip is full length. Each variant runs in
-its own spawned process; peak memory is measured as in ``benchmarks/ae.py`` (GPU: peak allocated above the
+its own spawned process; peak memory is measured by ``benchmarks/measure.py`` (GPU: peak allocated above the
 allocation before the step; CPU: rise of the peak RSS above the resident size before the step, mmap threshold
 pinned so freed tensors leave the RSS), weights and inputs excluded. The ratio is full / truncated.
 
@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from ae import resident_kib  # benchmarks/ is this script's import root
+from measure import PeakMemory, pin_mmap_threshold, run_spawned, timed  # benchmarks/ is the import root
 
 VARIANTS = ("truncated", "full")
 
@@ -61,10 +58,51 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def tiny_networks(args: argparse.Namespace, models: dict[str, Path], sample_fps: float) -> tuple:
+    """In the measuring process, seeded with 0: the tiny FSAE's config, the FSAE (frozen), the tiny DiT and the video
+    reward on ``models["qwen2_vl"]`` (frozen, 56² frames sampled at ``sample_fps`` of a 24 fps clip of
+    ``args.frames``), on ``args.device``. Shared with ``benchmarks/grpo.py``."""
+    from fsvideo.ae import FSAE, FSAEConfig
+    from fsvideo.dit import DiT, DiTConfig
+    from fsvideo.rewards import VideoReward, VideoRewardConfig
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    fsae_config = FSAEConfig.tiny()
+    autoencoder = FSAE(fsae_config)
+    autoencoder.init_weights()
+    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
+    dit = DiT(DiTConfig.tiny(latent_channels=fsae_config.latent_channels)).to(device)
+    video_reward = VideoReward.from_backbone(
+        VideoRewardConfig(
+            backbone=str(models["qwen2_vl"]),
+            input_fps=24.0,
+            sample_fps=sample_fps,
+            max_frames=args.frames,
+            frame_height=56,
+            frame_width=56,
+        ),
+        device,
+    ).requires_grad_(False)
+    return fsae_config, autoencoder, dit, video_reward
+
+
+def random_clip(
+    fsae_config, dit: torch.nn.Module, batch: int, frames: int, size: int, device: torch.device
+) -> tuple:
+    """A random clip latent ``z0`` of ``frames`` × ``size``², random text (tokens, mask) and image tokens, and the
+    image-to-video condition on its first latent frame."""
+    from fsvideo.dit import image_to_video
+
+    z0 = torch.randn(batch, *fsae_config.latent_shape(frames, size, size), device=device)
+    text = (torch.randn(batch, 16, 32, device=device), torch.ones(batch, 16, dtype=torch.bool, device=device))
+    image = torch.randn(batch, 4, 32, device=device)
+    condition = image_to_video(z0[:, :, :1], z0.shape[2], dit.config.mask_channels)
+    return z0, text, image, condition
+
+
 def measure(variant: str, args: argparse.Namespace, models: dict[str, Path], results: mp.Queue) -> None:
     """Runs in a fresh process: one ReFL step of ``variant``; reports time, peak memory and decoded frames."""
-    from fsvideo.ae import FSAE, FSAEConfig
-    from fsvideo.dit import DiT, DiTConfig, image_to_video
     from fsvideo.flow import interpolate, pseudo_huber_loss, velocity_target
     from fsvideo.refl import (
         ReFLConfig,
@@ -73,27 +111,11 @@ def measure(variant: str, args: argparse.Namespace, models: dict[str, Path], res
         refl_objective,
         score_video,
     )
-    from fsvideo.rewards import FrameReward, FrameRewardConfig, VideoReward, VideoRewardConfig
+    from fsvideo.rewards import FrameReward, FrameRewardConfig
 
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
-    torch.manual_seed(0)
-    fsae_config = FSAEConfig.tiny()
-    autoencoder = FSAE(fsae_config)
-    autoencoder.init_weights()
-    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
-    dit = DiT(DiTConfig.tiny(latent_channels=fsae_config.latent_channels)).to(device)
+    fsae_config, autoencoder, dit, video_reward = tiny_networks(args, models, args.sample_fps)
     truncated = variant == "truncated"
-    video_reward = VideoReward.from_backbone(
-        VideoRewardConfig(
-            backbone=str(models["qwen2_vl"]),
-            input_fps=24.0,
-            sample_fps=args.sample_fps,
-            max_frames=args.frames,
-            frame_height=56,
-            frame_width=56,
-        ),
-        device,
-    ).requires_grad_(False)
     frame_reward = FrameReward.from_backbone(
         FrameRewardConfig(
             backbone=str(models["clip"]), frames_with_grad=args.frames_with_grad if truncated else args.frames
@@ -112,11 +134,8 @@ def measure(variant: str, args: argparse.Namespace, models: dict[str, Path], res
 
     def step(frames: int, size: int) -> int:
         """One ReFL step on a random clip latent of ``frames`` × ``size``²; returns the frames decoded."""
-        z0 = torch.randn(b, *fsae_config.latent_shape(frames, size, size), device=device)
-        text = (torch.randn(b, 16, 32, device=device), torch.ones(b, 16, dtype=torch.bool, device=device))
+        z0, text, image, condition = random_clip(fsae_config, dit, b, frames, size, device)
         negative = (torch.zeros(b, 16, 32, device=device), text[1])
-        image = torch.randn(b, 4, 32, device=device)
-        condition = image_to_video(z0[:, :, :1], z0.shape[2], dit.config.mask_channels)
         z0_hat = predict_with_last_step_gradient(
             dit, condition, text, negative, image, torch.randn_like(z0), config, 6
         )
@@ -131,40 +150,21 @@ def measure(variant: str, args: argparse.Namespace, models: dict[str, Path], res
         return video.shape[2]
 
     step(5, fsae_config.spatial_compression)  # warm-up: lazily loaded kernels and allocator pools stay out
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() if cuda else resident_kib() * 1024
-    start = time.perf_counter()
-    frames = step(args.frames, args.size)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    results.put((seconds, max(peak, 0), frames))
+    with PeakMemory(cuda) as peak:
+        frames, seconds = timed(lambda: step(args.frames, args.size), cuda)
+    results.put((seconds, peak.bytes, frames))
 
 
 def main() -> None:
     args = parse_args()
-    if args.device == "cpu":
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # freed tensors leave the RSS
+    pin_mmap_threshold(args.device)
     from fsvideo.rewards import save_tiny_reward_models
 
-    context = mp.get_context("spawn")
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         models = save_tiny_reward_models(folder)
         for variant in args.variants:
-            results = context.Queue()
-            process = context.Process(target=measure, args=(variant, args, models, results))
-            process.start()
-            process.join()
-            if process.exitcode != 0:
-                raise RuntimeError(f"{variant} failed (exit code {process.exitcode})")
-            rows[variant] = results.get()
+            rows[variant] = run_spawned(variant, measure, variant, args, models)
             seconds, peak, frames = rows[variant]
             print(
                 f"  {variant:10s}: {seconds:8.2f} s, peak +{peak / 2**20:8.0f} MiB, {frames} frames decoded"

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from measure import peak_rss_bytes  # benchmarks/ is this script's import root
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
 
@@ -62,10 +62,6 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: bf16 on GPU")
     return parser.parse_args()
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _saved_activation_bytes(model: torch.nn.Module, loss_fn) -> int:
@@ -104,7 +100,7 @@ def _measure(rank: int, degree: int, args: argparse.Namespace, store: str, out: 
         dist.init_process_group(
             "nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=degree
         )
-    rss_before = _peak_rss_bytes()
+    rss_before = peak_rss_bytes()
     config = DiTConfig.tiny(
         dim=args.dim,
         num_layers=args.layers,
@@ -144,7 +140,7 @@ def _measure(rank: int, degree: int, args: argparse.Namespace, store: str, out: 
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
         dit.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes() - rss_before
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes() - rss_before
     saved = _saved_activation_bytes(dit, lambda: dit(*inputs).float().square().mean())
     tokens = frames * height * width
     figures = {

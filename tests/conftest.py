@@ -10,6 +10,7 @@ import torch
 
 from datamodules.sample_data import SampleDataset, write_sample_dataset
 from fsvideo.encoders import save_tiny_encoders
+from fsvideo.rewards import save_tiny_reward_models
 
 # `make test` runs one pytest-xdist worker per core: each worker, and every process a test starts, computes
 # on one thread, since torch's default (a thread per core in each of them) would oversubscribe the cores.
@@ -36,3 +37,10 @@ def tiny_encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random text (UMT5), image (CLIP) and DINOv2 encoders saved once per session, loaded by tests
     through the same ``from_pretrained(local path)`` calls a user's config triggers."""
     return save_tiny_encoders(tmp_path_factory.mktemp("tiny_encoders"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random reward backbones saved once per session: ``{"qwen2_vl": folder, "clip": folder}`` as
+    transformers' save_pretrained leaves them (``fsvideo.rewards.save_tiny_reward_models``)."""
+    return save_tiny_reward_models(tmp_path_factory.mktemp("tiny_reward_models"))

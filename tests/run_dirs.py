@@ -20,6 +20,8 @@ from fsvideo.latent_space import LatentStats
 from fsvideo.pretrained import MANIFEST_KEY, load_network, network_manifest_entry
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 
+REPO = Path(__file__).resolve().parents[1]
+
 FRAMES, HEIGHT, WIDTH = 5, 128, 64
 """Video size of ``write_tiny_runs``' pipeline config."""
 
@@ -133,3 +135,72 @@ def write_test_image(path: Path, height: int = 96, width: int = 160, mode: str =
     rgb = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 9.0)], axis=-1).astype(np.uint8)
     Image.fromarray(rgb).convert(mode).save(path)
     return path
+
+
+def tiny_fit_args(config: str, run_dir: Path, max_steps: int) -> list[str]:
+    """The start of an `fsvideo fit` of ``configs/tiny/<config>`` into ``run_dir`` for ``max_steps`` steps, without
+    validation, progress bar or wandb."""
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs/tiny" / config),
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--wandb.mode=disabled",
+    ]
+
+
+def tiny_latent_encoders(tiny_latents: Any) -> dict[str, Any]:
+    """The ``encoders`` of a data module that reads the sample shards as ``tiny_latents`` encoded them (its
+    FSAE run, the tiny text and image encoders, 16 text tokens)."""
+    return {
+        "autoencoder": str(tiny_latents.fsae_run),
+        "text_encoder": str(tiny_latents.encoders["text"]),
+        "image_encoder": str(tiny_latents.encoders["image"]),
+        "text_len": 16,
+    }
+
+
+def shard_data_args(
+    tiny_latents: Any, sample_shards: Any, batches_per_epoch: int, val_shards: str | None = None
+) -> list[str]:
+    """`fsvideo fit` data arguments of a refiner-stage run on the first sample training shard, decoded at 128²
+    and encoded as ``tiny_latents`` was, 5 frames, in-process loading; no validation unless ``val_shards``."""
+    encoders = yaml.safe_dump(tiny_latent_encoders(tiny_latents), default_flow_style=True).strip()
+    return [
+        f"--data.init_args.encoders={encoders}",
+        f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
+        f"--data.init_args.train_shards={sample_shards.root / 'train-000000.tar'}",
+        f"--data.init_args.val_shards={val_shards or 'null'}",
+        "--data.init_args.num_frames=5",
+        "--data.init_args.buckets.size=128",
+        "--data.init_args.num_workers=0",
+        f"--data.init_args.batches_per_epoch={batches_per_epoch}",
+    ]
+
+
+def latent_cache_args(cache: Path, batches_per_epoch: int = 4) -> list[str]:
+    """`fsvideo fit` data arguments of a DiT-stage run on a latent cache: no validation cache, no stills,
+    in-process loading."""
+    return [
+        f"--data.init_args.train_cache={cache}",
+        "--data.init_args.val_cache=null",
+        "--data.init_args.image_fraction=null",
+        "--data.init_args.num_workers=0",
+        f"--data.init_args.batches_per_epoch={batches_per_epoch}",
+    ]
+
+
+def write_dit_stage_checkpoint(path: Path, stats: LatentStats | None = None) -> Any:
+    """A tiny DiT stage (``DiTModule``, seed 1, EMA decay 0.9, latent stats ``stats``: by default mean 0 and std 1
+    over 8 channels) saved at ``path`` as `fsvideo fit` saves one, for ``--model.init_args.init_from``;
+    returns the module."""
+    from lightning_modules.dit import DiTModule
+
+    torch.manual_seed(1)
+    source = DiTModule(DiTConfig.tiny(), ema_decay=0.9)
+    source.set_latent_stats(stats or LatentStats([0.0] * 8, [1.0] * 8, 1))
+    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, path)
+    return source

@@ -35,6 +35,19 @@ GENERATION_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 """Latents and video after a few sampler steps and the decoder: the DiTs' rounding differences, carried on."""
 
 
+def _assert_split_matches_plain(split, reference, inputs, where: str = "") -> tuple:
+    """The context-parallel ``split`` gives ``reference``'s output on ``inputs``, and the cp ranks' gradients sum to
+    twice one process's (each rank backpropagates the whole loss); returns the one-process output and gradients."""
+    out_split, grads_split = output_and_grads(split, inputs)
+    out_plain, grads_plain = output_and_grads(reference, inputs)
+    torch.testing.assert_close(out_split, out_plain, **OUTPUT_TOLERANCE)
+    for name, grad in grads_plain.items():
+        summed = grads_split[name].clone()
+        dist.all_reduce(summed)
+        torch.testing.assert_close(summed / 2, grad, **GRAD_TOLERANCE, msg=f"{name}{where}")
+    return out_plain, grads_plain
+
+
 def _context_parallel_matches_one_process(_: DeviceMesh) -> None:
     config = DiTConfig.tiny()  # Layer Memory on, 4 heads, 3×4×4 = 48 tokens
     reference = random_dit(config)
@@ -48,13 +61,7 @@ def _context_parallel_matches_one_process(_: DeviceMesh) -> None:
     # process's (each rank backpropagates the whole loss), which FSDP's mean over the mesh halves (3.)
     split = copy.deepcopy(reference)
     parallelize([split], [], ParallelConfig(context_parallel=2), mesh)
-    out_split, grads_split = output_and_grads(split, inputs)
-    out_plain, grads_plain = output_and_grads(reference, inputs)
-    torch.testing.assert_close(out_split, out_plain, **OUTPUT_TOLERANCE)
-    for name, grad in grads_plain.items():
-        summed = grads_split[name].clone()
-        dist.all_reduce(summed)
-        torch.testing.assert_close(summed / 2, grad, **GRAD_TOLERANCE, msg=name)
+    out_plain, grads_plain = _assert_split_matches_plain(split, reference, inputs)
 
     # 2. router maxima (the Figure 6 heatmap): the max over all tokens, on every rank
     with torch.no_grad():
@@ -83,15 +90,7 @@ def _context_parallel_matches_one_process(_: DeviceMesh) -> None:
     # 5. token counts cp does not divide: uneven runs (3 tokens: 2 + 1), and a rank with none (1 token)
     for frames, width in [(1, 3), (1, 1)]:
         odd = (torch.randn(2, config.in_channels, frames, 1, width), *inputs[1:])
-        out_split, grads_split = output_and_grads(split, odd)
-        out_plain, grads_plain = output_and_grads(reference, odd)
-        torch.testing.assert_close(out_split, out_plain, **OUTPUT_TOLERANCE)
-        for name, grad in grads_plain.items():
-            summed = grads_split[name].clone()
-            dist.all_reduce(summed)
-            torch.testing.assert_close(
-                summed / 2, grad, **GRAD_TOLERANCE, msg=f"{name} at {frames}×1×{width}"
-            )
+        _assert_split_matches_plain(split, reference, odd, f" at {frames}×1×{width}")
         with torch.no_grad():
             maxima_split = split(*odd, return_router_weights=True)[1]
             maxima_plain = reference(*odd, return_router_weights=True)[1]

@@ -12,17 +12,11 @@ from fsvideo.encoders import (
     ImageEncoder,
     TextEncoder,
     drop_conditions,
-    save_tiny_encoders,
 )
 
 
-@pytest.fixture(scope="module")
-def encoder_paths(tmp_path_factory):
-    return save_tiny_encoders(tmp_path_factory.mktemp("encoders"))
-
-
-def test_text_encoder_pads_masks_and_truncates(encoder_paths):
-    encoder = TextEncoder.from_pretrained(encoder_paths["text"], text_len=12)
+def test_text_encoder_pads_masks_and_truncates(tiny_encoders):
+    encoder = TextEncoder.from_pretrained(tiny_encoders["text"], text_len=12)
     tokens, mask = encoder(
         ["a cat walks across the garden", "the camera pans slowly over a city at night now"]
     )
@@ -31,7 +25,7 @@ def test_text_encoder_pads_masks_and_truncates(encoder_paths):
     assert mask[1].sum() == 11  # 10 words + </s>; the unseen word "now" is kept as <unk>
     assert torch.count_nonzero(tokens[0, 7:]) == 0 and tokens[0, :7].abs().sum() > 0
     assert not tokens.requires_grad and not any(p.requires_grad for p in encoder.parameters())
-    truncated, mask_t = TextEncoder.from_pretrained(encoder_paths["text"], text_len=4)(
+    truncated, mask_t = TextEncoder.from_pretrained(tiny_encoders["text"], text_len=4)(
         ["a cat walks across the garden"]
     )
     assert truncated.shape == (1, 4, 32) and mask_t.all()
@@ -41,13 +35,13 @@ def test_text_encoder_pads_masks_and_truncates(encoder_paths):
         encoder("a cat")
 
 
-def test_image_encoder_returns_penultimate_states(encoder_paths):
-    encoder = ImageEncoder.from_pretrained(encoder_paths["image"])
+def test_image_encoder_returns_penultimate_states(tiny_encoders):
+    encoder = ImageEncoder.from_pretrained(tiny_encoders["image"])
     images = torch.rand(2, 3, 40, 56) * 2 - 1
     tokens = encoder(images)
     assert tokens.shape == (2, 5, 32)  # (28/14)² patches + class token
     # the same numbers as the library model's own penultimate state on our preprocessing
-    reference = CLIPVisionModel.from_pretrained(encoder_paths["image"])
+    reference = CLIPVisionModel.from_pretrained(tiny_encoders["image"])
     pixels = torch.nn.functional.interpolate(images, size=(28, 28), mode="bicubic", align_corners=False)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
@@ -58,8 +52,8 @@ def test_image_encoder_returns_penultimate_states(encoder_paths):
         encoder(images[:, :1])
 
 
-def test_dino_frame_features(encoder_paths):
-    encoder = FrameFeatureEncoder.from_pretrained(encoder_paths["dino"], frames_per_batch=2)
+def test_dino_frame_features(tiny_encoders):
+    encoder = FrameFeatureEncoder.from_pretrained(tiny_encoders["dino"], frames_per_batch=2)
     video = torch.rand(2, 3, 5, 30, 45) * 2 - 1
     features = encoder(video)
     assert encoder.grid_size(30, 45) == (2, 3)
@@ -75,9 +69,9 @@ def test_missing_path_is_a_clear_error(tmp_path):
         TextEncoder.from_pretrained(tmp_path / "umt5-xxl")
 
 
-def test_tiny_encoders_feed_the_tiny_dit(encoder_paths):
-    tokens, mask = TextEncoder.from_pretrained(encoder_paths["text"], text_len=8)(["a red bicycle"])
-    image = ImageEncoder.from_pretrained(encoder_paths["image"])(torch.zeros(1, 3, 28, 28))
+def test_tiny_encoders_feed_the_tiny_dit(tiny_encoders):
+    tokens, mask = TextEncoder.from_pretrained(tiny_encoders["text"], text_len=8)(["a red bicycle"])
+    image = ImageEncoder.from_pretrained(tiny_encoders["image"])(torch.zeros(1, 3, 28, 28))
     config = DiTConfig.tiny()
     out = DiT(config)(torch.randn(1, config.in_channels, 2, 2, 2), torch.tensor([0.5]), tokens, image, mask)
     assert out.shape == (1, 8, 2, 2, 2)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.trainer.states import TrainerFn
-from run_dirs import write_fsae_run
+from run_dirs import write_dit_stage_checkpoint, write_fsae_run
 from two_process import REPO, SHARDED_FIT_ARGS, run_cli
 
 from callbacks.dit_samples import DiTSamples, read_held_out_clips
@@ -248,11 +248,8 @@ def cli_fit(run_dir: Path, cache: LatentCache, init_from: Path, *extra: str) -> 
 def test_sharded_dit_samples_on_every_rank_equal_unsharded(cache, tmp_path):
     """With FSDP2 (two gloo processes) every rank must join the sharded forwards; the videos are those of the
     same weights unsharded."""
-    torch.manual_seed(1)
-    source = DiTModule(DiTConfig.tiny(), ema_decay=0.9)
-    source.set_latent_stats(cache.stats)
     init_from = tmp_path / "init.ckpt"
-    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, init_from)
+    write_dit_stage_checkpoint(init_from, cache.stats)
     plain = cli_fit(tmp_path / "plain", cache, init_from)
     sharded = cli_fit(
         tmp_path / "sharded",

@@ -20,17 +20,16 @@ from datamodules.pipeline import normalize_video
 from datamodules.samples import SampleDecoder
 from datamodules.shards import read_shard
 from datamodules.skips import SkipCounter
-from fsvideo.encoders import save_tiny_encoders
 
 BUCKETS = BucketConfig(size=128)
 ARGS = {"text_len": 16, "buckets": BUCKETS, "num_frames": 5, "batch_size": 3}
 
 
 @pytest.fixture(scope="module")
-def made(sample_shards, tmp_path_factory):
+def made(sample_shards, tiny_encoders, tmp_path_factory):
     root = tmp_path_factory.mktemp("latent_cache")
     fsae = write_fsae_run(root / "fsae", seed=0)
-    encoders = save_tiny_encoders(root / "encoders")
+    encoders = tiny_encoders
     conditions = {"text_encoder": encoders["text"], "image_encoder": encoders["image"]}
     shard = str(sample_shards.root / "train-000000.tar")
     train = encode_shards(fsae, shard, root / "train", **conditions, **ARGS)

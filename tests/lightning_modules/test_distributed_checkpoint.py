@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from run_dirs import latent_cache_args, tiny_fit_args
 from safetensors.torch import load_file
-from two_process import REPO, SHARDED_FIT_ARGS, run_cli
+from two_process import SHARDED_FIT_ARGS, run_cli
 
 from callbacks.checkpoint_io import DCP_REPLACED, swap_in_checkpoint
 from fsvideo.checkpoints import (
@@ -32,27 +33,16 @@ from fsvideo.pretrained import load_network
 
 def fit(run_dir: Path, cache: Path, max_steps: int, processes: int, *extra: str) -> None:
     args = [
-        "fit",
-        "--config",
-        str(REPO / "configs/tiny/dit-pretrain-video.yaml"),
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.max_steps={max_steps}",
+        *tiny_fit_args("dit-pretrain-video.yaml", run_dir, max_steps),
         *SHARDED_FIT_ARGS,
         f"--trainer.devices={processes}",
         f"--trainer.strategy.data_parallel_size={processes}",
         "--trainer.strategy.save_distributed_checkpoint=true",
-        "--trainer.limit_val_batches=0",
-        "--trainer.enable_progress_bar=false",
         "--trainer.callbacks=[step_recorder.StepRecorder]",
         "--checkpoint.every_n_train_steps=2",
         "--checkpoint.filename=step-{step}",
         "--checkpoint.auto_insert_metric_name=false",
-        "--wandb.mode=disabled",
-        f"--data.init_args.train_cache={cache}",
-        "--data.init_args.val_cache=null",
-        "--data.init_args.image_fraction=null",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batches_per_epoch=4",
+        *latent_cache_args(cache),
         "--model.init_args.init_from=null",
         "--model.init_args.dit.latent_channels=8",
         *extra,

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from two_process import REPO, SHARDED_FIT_ARGS, run_cli
+from run_dirs import latent_cache_args, shard_data_args, tiny_fit_args, write_dit_stage_checkpoint
+from two_process import SHARDED_FIT_ARGS, run_cli
 
 from callbacks.loss_history import read_loss_history
 from fsvideo.dit import DiT, DiTConfig
 from fsvideo.latent_space import LatentStats
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
-from lightning_modules.dit import DiTModule
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +30,9 @@ def fit(run_dir: Path, config: str, steps: int, *args: str) -> np.ndarray:
     same seed whatever the number of processes: ``ReseedAtTrainStart``)."""
     run_cli(
         [
-            "fit",
-            "--config",
-            str(REPO / "configs/tiny" / config),
-            f"--trainer.default_root_dir={run_dir}",
-            f"--trainer.max_steps={steps}",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false",
+            *tiny_fit_args(config, run_dir, steps),
             "--checkpoint.every_n_train_steps=100",
             "--trainer.callbacks=[callbacks.loss_history.LossHistory, two_process.ReseedAtTrainStart]",
-            "--wandb.mode=disabled",
             "--model.init_args.dit.latent_channels=8",
             "--model.init_args.optimizer.warmup_steps=0",
             *args,
@@ -53,19 +45,9 @@ def fit(run_dir: Path, config: str, steps: int, *args: str) -> np.ndarray:
 
 
 def test_context_parallel_fit_matches_one_process(tiny_latents, tmp_path):
-    torch.manual_seed(1)
-    source = DiTModule(DiTConfig.tiny(), ema_decay=0.9)
-    source.set_latent_stats(LatentStats([0.0] * 8, [1.0] * 8, 1))
     init_from = tmp_path / "init.ckpt"
-    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, init_from)
-    data = [
-        f"--data.init_args.train_cache={tiny_latents.train.root}",
-        "--data.init_args.val_cache=null",
-        "--data.init_args.image_fraction=null",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batches_per_epoch=4",
-        f"--model.init_args.init_from={init_from}",
-    ]
+    write_dit_stage_checkpoint(init_from)
+    data = [*latent_cache_args(tiny_latents.train.root), f"--model.init_args.init_from={init_from}"]
     one = fit(tmp_path / "one", "dit-pretrain-video.yaml", 4, *data)
     two = fit(tmp_path / "cp2", "dit-pretrain-video.yaml", 4, *data, *CONTEXT_PARALLEL_ARGS)
     np.testing.assert_allclose(two, one, rtol=0, atol=LOSS_TOLERANCE)
@@ -84,24 +66,11 @@ def refiner_args(tiny_latents, sample_shards, directory: Path) -> list[str]:
     upsampler = LatentUpsampler(LatentUpsamplerConfig.tiny(latent_channels=8)).save_pretrained(
         directory / "up"
     )
-    encoders = {
-        "autoencoder": str(tiny_latents.fsae_run),
-        "text_encoder": str(tiny_latents.encoders["text"]),
-        "image_encoder": str(tiny_latents.encoders["image"]),
-        "text_len": 16,
-    }
     return [
         f"--model.init_args.init_from={dit_dir}",
         f"--model.init_args.base_dit={dit_dir}",
         f"--model.init_args.upsampler={upsampler}",
-        f"--data.init_args.encoders={yaml.safe_dump(encoders, default_flow_style=True).strip()}",
-        f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
-        f"--data.init_args.train_shards={sample_shards.root / 'train-000000.tar'}",
-        "--data.init_args.val_shards=null",
-        "--data.init_args.num_frames=5",
-        "--data.init_args.buckets.size=128",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batches_per_epoch=3",
+        *shard_data_args(tiny_latents, sample_shards, batches_per_epoch=3),
     ]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from run_dirs import tiny_latent_encoders
 
 from callbacks.loss_history import read_loss_history
 from lightning_modules.cli import FSVideoCLI
@@ -73,12 +74,7 @@ def test_fit_on_video_shards_encodes_on_the_fly(tiny_latents, sample_shards, tmp
     data = {
         "class_path": "datamodules.latents.EncodingVideoDataModule",
         "init_args": {
-            "encoders": {
-                "autoencoder": str(tiny_latents.fsae_run),
-                "text_encoder": str(tiny_latents.encoders["text"]),
-                "image_encoder": str(tiny_latents.encoders["image"]),
-                "text_len": 16,
-            },
+            "encoders": tiny_latent_encoders(tiny_latents),
             "latent_stats": str(tiny_latents.train.root / "stats.json"),
             "train_shards": str(sample_shards.root / "train-000000.tar"),
             "num_frames": 5,

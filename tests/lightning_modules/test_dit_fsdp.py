@@ -9,34 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from two_process import REPO, SHARDED_FIT_ARGS, run_cli
-
-from fsvideo.dit import DiTConfig
-from fsvideo.latent_space import LatentStats
-from lightning_modules.dit import DiTModule
+from run_dirs import latent_cache_args, tiny_fit_args, write_dit_stage_checkpoint
+from two_process import SHARDED_FIT_ARGS, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def fit(run_dir: Path, cache: Path, init_from: Path, max_steps: int, *extra: str) -> None:
     args = [
-        "fit",
-        "--config",
-        str(REPO / "configs/tiny/dit-pretrain-video.yaml"),
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.max_steps={max_steps}",
+        *tiny_fit_args("dit-pretrain-video.yaml", run_dir, max_steps),
         *SHARDED_FIT_ARGS,
         "--trainer.precision=bf16-mixed",  # as the paper configs
-        "--trainer.limit_val_batches=0",
-        "--trainer.enable_progress_bar=false",
         "--trainer.callbacks=[]",
         "--checkpoint.every_n_train_steps=2",
-        "--wandb.mode=disabled",
-        f"--data.init_args.train_cache={cache}",
-        "--data.init_args.val_cache=null",
-        "--data.init_args.image_fraction=null",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batches_per_epoch=4",
+        *latent_cache_args(cache),
         f"--model.init_args.init_from={init_from}",
         "--model.init_args.dit.latent_channels=8",
         "--model.init_args.ema_decay=1.0",
@@ -47,11 +33,8 @@ def fit(run_dir: Path, cache: Path, init_from: Path, max_steps: int, *extra: str
 
 
 def test_sharded_dit_trains_saves_one_file_and_resumes(tiny_latents, tmp_path):
-    torch.manual_seed(1)
-    source = DiTModule(DiTConfig.tiny(), ema_decay=0.9)
-    source.set_latent_stats(LatentStats([0.0] * 8, [1.0] * 8, 1))
     init_from = tmp_path / "init.ckpt"
-    torch.save({"state_dict": source.state_dict(), "networks": source.network_manifest()}, init_from)
+    source = write_dit_stage_checkpoint(init_from)
     start = {k: v for k, v in source.state_dict().items() if k.startswith("dit.")}
     run_dir = tmp_path / "run"
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from run_dirs import shard_data_args, tiny_fit_args
+from toy_networks import CHANNELS, toy_conditions, toy_decoder, toy_dit
 from two_process import SHARDED_FIT_ARGS, run_cli
 
 from fsvideo import distill
-from fsvideo.ae import FSAE, FSAEConfig
+from fsvideo.ae import FSAE
 from fsvideo.dit import DiT, DiTConfig, image_to_video
 from fsvideo.flow import sigma_schedule
 from fsvideo.grpo import SlidingWindow, group_advantages, rollout, window_losses
@@ -22,24 +23,12 @@ from fsvideo.latent_space import LatentStats
 from fsvideo.pretrained import MANIFEST_KEY, read_records
 from fsvideo.refiner import RefinerTrainingConfig
 from fsvideo.refl import ReFLConfig, decode_for_reward
-from fsvideo.rewards import VideoReward, VideoRewardConfig, save_tiny_reward_models
+from fsvideo.rewards import VideoReward, VideoRewardConfig
 from fsvideo.stages import sample_conditioned
 from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 from lightning_modules.cli import FSVideoCLI
 from lightning_modules.grpo import GRPOConfig, RefinerGRPOModule, repeat_condition
 
-REPO = Path(__file__).resolve().parents[2]
-CHANNELS, TEXT_LEN, DIM = 8, 4, 32
-
-MICRO_FSAE = FSAEConfig(
-    latent_channels=CHANNELS,
-    widths=(8, 16, 16),
-    encoder_depths=(1, 1, 1),
-    decoder_depths=(1, 1, 1),
-    num_conv_stages=2,
-    attention_head_dim=8,
-)
-"""4× space, 4× time: a 1×1 latent is 4×4 pixels."""
 DECODE = ReFLConfig(decoded_latent_frames=0, decoder_chunk_latent_frames=0)
 """Decode every latent frame in one pass (the toy clips have 3)."""
 
@@ -48,32 +37,6 @@ TOY_GRPO_STEPS, MIN_REWARD_GAIN = 6, 0.03
 """Within TOY_GRPO_STEPS CPU steps (2 conditions × GROUP samples each, window of 2 moving every 3 steps) the
 held-out brightness of deterministic samples (pixels in [-1, 1]) rises by at least MIN_REWARD_GAIN (measured in the
 README, section "GRPO for the distilled refiner")."""
-
-
-def toy_refiner(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    dit = DiT(DiTConfig.tiny())
-    with torch.no_grad():  # off the zero-initialised head, so the DiT predicts something
-        for param in dit.parameters():
-            param.add_(0.02 * torch.randn(param.shape))
-    return dit
-
-
-def toy_decoder() -> FSAE:
-    torch.manual_seed(0)
-    autoencoder = FSAE(MICRO_FSAE)
-    autoencoder.init_weights()
-    return autoencoder.eval().requires_grad_(False)
-
-
-def toy_conditions(count: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "text": torch.randn(count, TEXT_LEN, DIM, generator=g),
-        "mask": torch.ones(count, TEXT_LEN, dtype=torch.bool),
-        "image": torch.randn(count, 2, DIM, generator=g),
-        "first": torch.randn(count, CHANNELS, 1, 1, 1, generator=g),
-    }
 
 
 def brightness(autoencoder: FSAE, latent: torch.Tensor) -> torch.Tensor:
@@ -112,7 +75,7 @@ def held_out_reward(dit: DiT, autoencoder: FSAE, c: dict[str, torch.Tensor]) -> 
 
 
 def test_toy_grpo_raises_the_held_out_reward_without_decoder_gradient():
-    dit, autoencoder = toy_refiner(), toy_decoder()
+    dit, autoencoder = toy_dit(), toy_decoder()
     train, val = toy_conditions(6, seed=1), toy_conditions(4, seed=2)
     decoder_calls: list[bool] = []
     autoencoder.decoder.register_forward_pre_hook(lambda *_: decoder_calls.append(torch.is_grad_enabled()))
@@ -147,7 +110,7 @@ def parts(tmp_path_factory) -> dict[str, Path]:
     """A random tiny refiner recorded as distilled to 8 steps at shift 3 (and the same without records), and a
     random upsampler, as saved-model folders."""
     root = tmp_path_factory.mktemp("grpo_parts")
-    dit = toy_refiner()
+    dit = toy_dit()
     stats = {"latent_stats": LatentStats([0.2] * CHANNELS, [1.5] * CHANNELS, 0).record()}
     distilled = {distill.GUIDANCE_DISTILLED: True, distill.DISTILLED_STEPS: 8, distill.DISTILLED_SHIFT: 3.0}
     upsampler = LatentUpsampler(LatentUpsamplerConfig.tiny(latent_channels=CHANNELS))
@@ -159,13 +122,17 @@ def parts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def video_reward(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("grpo_reward")
-    backbones = save_tiny_reward_models(root)
+def video_reward(tiny_reward_models, tmp_path_factory) -> Path:
     config = VideoRewardConfig(
-        backbone=str(backbones["qwen2_vl"]), input_fps=8.0, sample_fps=8.0, frame_height=56, frame_width=56
+        backbone=str(tiny_reward_models["qwen2_vl"]),
+        input_fps=8.0,
+        sample_fps=8.0,
+        frame_height=56,
+        frame_width=56,
     )
-    return VideoReward.from_backbone(config).save_pretrained(root / "video_reward")
+    return VideoReward.from_backbone(config).save_pretrained(
+        tmp_path_factory.mktemp("grpo_reward") / "video_reward"
+    )
 
 
 def make_module(parts, video_reward, refiner: str = "refiner", **grpo) -> RefinerGRPOModule:
@@ -212,43 +179,30 @@ def test_module_checks_its_refiner_and_window_and_keeps_the_distilled_records(pa
     assert repeated.latent[:, 0, 0, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]  # groups are contiguous
 
 
+def grpo_fit_args(parts, video_reward, run_dir: Path) -> list[str]:
+    """A 2-step `fsvideo fit` of configs/tiny/refiner-grpo.yaml from the distilled refiner of ``parts``."""
+    return [
+        *tiny_fit_args("refiner-grpo.yaml", run_dir, 2),
+        f"--model.init_args.init_from={parts['refiner']}",
+        f"--model.init_args.video_reward={video_reward}",
+        f"--model.init_args.upsampler={parts['upsampler']}",
+        "--model.init_args.dit.latent_channels=8",
+    ]
+
+
 @pytest.mark.slow
 def test_fit_of_the_tiny_config_trains_against_a_video_reward(
     parts, video_reward, tiny_latents, sample_shards, tmp_path
 ):
     """`fsvideo fit` of configs/tiny/refiner-grpo.yaml: finite rewards, on-policy ratio exactly 1 and nothing
     clipped, the watch logged, rewards and reference out of the checkpoint, the refiner exported with its records."""
-    encoders = {
-        "autoencoder": str(tiny_latents.fsae_run),
-        "text_encoder": str(tiny_latents.encoders["text"]),
-        "image_encoder": str(tiny_latents.encoders["image"]),
-        "text_len": 16,
-    }
     run_dir = tmp_path / "run"
     cli = FSVideoCLI(
         args=[
-            "fit",
-            "--config",
-            str(REPO / "configs/tiny/refiner-grpo.yaml"),
-            f"--trainer.default_root_dir={run_dir}",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false",
-            "--wandb.mode=disabled",
-            f"--model.init_args.init_from={parts['refiner']}",
-            f"--model.init_args.video_reward={video_reward}",
-            f"--model.init_args.upsampler={parts['upsampler']}",
-            "--model.init_args.dit.latent_channels=8",
+            *grpo_fit_args(parts, video_reward, run_dir),
             "--model.init_args.grpo.updates_per_rollout=1",
             "--model.init_args.watch.every_n_steps=1",
-            f"--data.init_args.encoders={yaml.safe_dump(encoders, default_flow_style=True).strip()}",
-            f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
-            f"--data.init_args.train_shards={sample_shards.root / 'train-000000.tar'}",
-            f"--data.init_args.val_shards={sample_shards.val}",
-            "--data.init_args.num_frames=5",
-            "--data.init_args.buckets.size=128",
-            "--data.init_args.num_workers=0",
-            "--data.init_args.batches_per_epoch=2",
+            *shard_data_args(tiny_latents, sample_shards, batches_per_epoch=2, val_shards=sample_shards.val),
         ]
     )
     assert cli.trainer.global_step == 2
@@ -270,37 +224,13 @@ def test_fit_of_the_tiny_config_trains_against_a_video_reward(
 def test_groups_span_two_sharded_gloo_ranks(parts, video_reward, tiny_latents, sample_shards, tmp_path):
     """`fsvideo fit` on two CPU processes (FSDP2 over gloo): each rank draws 2 of the group's 4 samples, the batch
     of rank 0 broadcast, the rewards gathered; the run trains and exports one refiner."""
-    encoders = {
-        "autoencoder": str(tiny_latents.fsae_run),
-        "text_encoder": str(tiny_latents.encoders["text"]),
-        "image_encoder": str(tiny_latents.encoders["image"]),
-        "text_len": 16,
-    }
     run_dir = tmp_path / "run"
     run_cli(
         [
-            "fit",
-            "--config",
-            str(REPO / "configs/tiny/refiner-grpo.yaml"),
+            *grpo_fit_args(parts, video_reward, run_dir),
             *SHARDED_FIT_ARGS,
-            f"--trainer.default_root_dir={run_dir}",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false",
-            "--wandb.mode=disabled",
-            f"--model.init_args.init_from={parts['refiner']}",
-            f"--model.init_args.video_reward={video_reward}",
-            f"--model.init_args.upsampler={parts['upsampler']}",
-            "--model.init_args.dit.latent_channels=8",
             "--model.init_args.watch.every_n_steps=0",
-            f"--data.init_args.encoders={yaml.safe_dump(encoders, default_flow_style=True).strip()}",
-            f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
-            f"--data.init_args.train_shards={sample_shards.root / 'train-000000.tar'}",
-            "--data.init_args.val_shards=null",
-            "--data.init_args.num_frames=5",
-            "--data.init_args.buckets.size=128",
-            "--data.init_args.num_workers=0",
-            "--data.init_args.batches_per_epoch=2",
+            *shard_data_args(tiny_latents, sample_shards, batches_per_epoch=2),
         ],
         cwd=tmp_path,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from run_dirs import shard_data_args, tiny_fit_args
 
 from callbacks.loss_history import read_loss_history
 from fsvideo.dit import DiT, DiTConfig, image_to_video
@@ -20,7 +20,6 @@ from fsvideo.upsampler import LatentUpsampler, LatentUpsamplerConfig
 from lightning_modules.cli import FSVideoCLI
 from lightning_modules.refiner import RefinerModule
 
-REPO = Path(__file__).resolve().parents[2]
 CHANNELS, TEXT_LEN = 8, 16
 
 
@@ -148,36 +147,16 @@ def test_condition_dropout_rate_and_replacement(parts):
 def test_tiny_refiner_fit_keeps_frozen_networks_out_of_its_checkpoint(
     parts, tiny_latents, sample_shards, tmp_path
 ):
-    encoders = {
-        "autoencoder": str(tiny_latents.fsae_run),
-        "text_encoder": str(tiny_latents.encoders["text"]),
-        "image_encoder": str(tiny_latents.encoders["image"]),
-        "text_len": TEXT_LEN,
-    }
     run_dir = tmp_path / "run"
     FSVideoCLI(
         args=[
-            "fit",
-            "--config",
-            str(REPO / "configs/tiny/refiner-pretrain.yaml"),
-            f"--trainer.default_root_dir={run_dir}",
-            "--trainer.max_steps=3",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false",
+            *tiny_fit_args("refiner-pretrain.yaml", run_dir, 3),
             "--trainer.callbacks=[{class_path: callbacks.loss_history.LossHistory}, {class_path: callbacks.export.ExportNetworks}]",
-            "--wandb.mode=disabled",
             f"--model.init_args.init_from={parts['base']}",
             f"--model.init_args.base_dit={parts['base']}",
             f"--model.init_args.upsampler={parts['upsampler']}",
             "--model.init_args.dit.latent_channels=8",
-            f"--data.init_args.encoders={yaml.safe_dump(encoders, default_flow_style=True).strip()}",
-            f"--data.init_args.latent_stats={tiny_latents.train.root / 'stats.json'}",
-            f"--data.init_args.train_shards={sample_shards.root / 'train-000000.tar'}",
-            "--data.init_args.val_shards=null",
-            "--data.init_args.num_frames=5",
-            "--data.init_args.buckets.size=128",
-            "--data.init_args.num_workers=0",
-            "--data.init_args.batches_per_epoch=3",
+            *shard_data_args(tiny_latents, sample_shards, batches_per_epoch=3),
         ]
     )
     steps, losses = read_loss_history(run_dir)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_networks import CHANNELS, DIM, TEXT_LEN, toy_conditions, toy_decoder, toy_dit
 
-from fsvideo.ae import FSAE, FSAEConfig, decode_chunked_checkpointed
-from fsvideo.dit import DiT, DiTConfig, image_to_video
+from fsvideo.ae import FSAE, decode_chunked_checkpointed
+from fsvideo.dit import DiT, image_to_video
 from fsvideo.flow import (
     integrate_segment,
     interpolate,
@@ -34,50 +35,10 @@ from fsvideo.rewards import (
     FrameRewardConfig,
     VideoReward,
     VideoRewardConfig,
-    save_tiny_reward_models,
 )
 from lightning_modules.cli import FSVideoCLI
 
 REPO = Path(__file__).resolve().parents[2]
-CHANNELS, TEXT_LEN, DIM = 8, 4, 32
-"""The test FSAE's latent channels; text length and widths of the random condition tokens (DiTConfig.tiny)."""
-
-
-def tiny_dit(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    dit = DiT(DiTConfig.tiny())
-    with torch.no_grad():  # off the zero-initialised head, so the DiT predicts something
-        for param in dit.parameters():
-            param.add_(0.02 * torch.randn(param.shape))
-    return dit
-
-
-MICRO_FSAE = FSAEConfig(
-    latent_channels=CHANNELS,
-    widths=(8, 16, 16),
-    encoder_depths=(1, 1, 1),
-    decoder_depths=(1, 1, 1),
-    num_conv_stages=2,
-    attention_head_dim=8,
-)
-"""4× space, 4× time: a 1×1 latent is 4×4 pixels, so decoding 61 frames with gradient takes well under a second."""
-
-
-def tiny_fsae() -> FSAE:
-    torch.manual_seed(0)
-    autoencoder = FSAE(MICRO_FSAE)
-    autoencoder.init_weights()
-    return autoencoder.eval().requires_grad_(False)
-
-
-def conditions(batch: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "text": torch.randn(batch, TEXT_LEN, DIM, generator=g),
-        "mask": torch.ones(batch, TEXT_LEN, dtype=torch.bool),
-        "image": torch.randn(batch, 2, DIM, generator=g),
-        "first": torch.randn(batch, CHANNELS, 1, 1, 1, generator=g),
-    }
 
 
 def empty_text(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +46,12 @@ def empty_text(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_gradient_reaches_the_dit_only_through_the_last_step():
-    dit = tiny_dit()
+    dit = toy_dit()
     calls: list[tuple[bool, bool]] = []  # (grad enabled, input requires grad) per DiT evaluation
     dit.register_forward_pre_hook(
         lambda _, args: calls.append((torch.is_grad_enabled(), args[0].requires_grad))
     )
-    c = conditions(2, seed=0)
+    c = toy_conditions(2, seed=0)
     condition = image_to_video(c["first"], 3, dit.config.mask_channels)
     noise = torch.randn(2, CHANNELS, 3, 1, 1)
     config = ReFLConfig(steps=6, gradient_steps=(4, 4), guidance_scale=3.0)
@@ -133,7 +94,7 @@ def test_gradient_reaches_the_dit_only_through_the_last_step():
 
 
 def test_decodes_exactly_16_latent_frames_chunked_and_exact():
-    autoencoder = tiny_fsae()
+    autoencoder = toy_decoder()
     decoded: list[int] = []
     autoencoder.decoder.register_forward_pre_hook(lambda _, args: decoded.append(args[0].shape[2]))
     latent = torch.randn(1, CHANNELS, 31, 1, 1, requires_grad=True)  # a 121-frame clip
@@ -157,13 +118,8 @@ def test_decodes_exactly_16_latent_frames_chunked_and_exact():
     torch.testing.assert_close(part.grad, one_pass, rtol=1e-4, atol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def reward_backbones(tmp_path_factory) -> dict[str, Path]:
-    return save_tiny_reward_models(tmp_path_factory.mktemp("refl_rewards"))
-
-
-def test_frame_reward_gradient_reaches_only_the_10_lowest_frames(reward_backbones):
-    reward = FrameReward.from_backbone(FrameRewardConfig(backbone=str(reward_backbones["clip"]))).eval()
+def test_frame_reward_gradient_reaches_only_the_10_lowest_frames(tiny_reward_models):
+    reward = FrameReward.from_backbone(FrameRewardConfig(backbone=str(tiny_reward_models["clip"]))).eval()
     reward.requires_grad_(False)
     video = (torch.rand(1, 3, 61, 28, 28) * 2 - 1).requires_grad_(True)
     prompts = ["a cat walks across the garden"]
@@ -210,7 +166,7 @@ while the held-out flow-matching loss stays below MAX_FLOW_LOSS_RATIO × its val
 
 def toy_clips(count: int, seed: int) -> dict[str, torch.Tensor]:
     """Normalised clips ``N×C×3×1×1`` whose frames drift from the first frame, with their condition tokens."""
-    c = conditions(count, seed)
+    c = toy_conditions(count, seed)
     g = torch.Generator().manual_seed(seed + 100)
     drift = 0.5 * torch.randn(count, CHANNELS, 1, 1, 1, generator=g)
     c["latent"] = torch.cat([c["first"], c["first"] + drift, c["first"] + 2 * drift], dim=2)
@@ -259,7 +215,7 @@ def held_out(dit: DiT, autoencoder: FSAE, clips: dict[str, torch.Tensor]) -> tup
 
 
 def test_toy_refl_raises_the_held_out_reward_and_keeps_the_flow_loss_bounded():
-    dit, autoencoder = tiny_dit(), tiny_fsae()
+    dit, autoencoder = toy_dit(), toy_decoder()
     train, val = toy_clips(8, seed=1), toy_clips(4, seed=2)
     optimizer = torch.optim.AdamW(dit.parameters(), lr=2e-3)
     torch.manual_seed(0)
@@ -301,12 +257,12 @@ def test_toy_refl_raises_the_held_out_reward_and_keeps_the_flow_loss_bounded():
 
 
 @pytest.mark.slow
-def test_fit_of_the_tiny_config_trains_against_reward_models(tiny_latents, reward_backbones, tmp_path):
+def test_fit_of_the_tiny_config_trains_against_reward_models(tiny_latents, tiny_reward_models, tmp_path):
     """`fsvideo fit` of configs/tiny/dit-refl.yaml on the test latents with tiny random reward models: finite
     rewards and losses, the watch logged, rewards and FSAE kept out of the checkpoint, the DiT saved as "dit"
     with its round."""
     config = VideoRewardConfig(
-        backbone=str(reward_backbones["qwen2_vl"]),
+        backbone=str(tiny_reward_models["qwen2_vl"]),
         input_fps=8.0,
         sample_fps=8.0,
         frame_height=56,
@@ -330,7 +286,7 @@ def test_fit_of_the_tiny_config_trains_against_reward_models(tiny_latents, rewar
             "--model.init_args.init_from=null",
             "--model.init_args.dit.latent_channels=8",  # the test FSAE's
             f"--model.init_args.video_reward={video_reward}",
-            f"--model.init_args.frame_reward.backbone={reward_backbones['clip']}",
+            f"--model.init_args.frame_reward.backbone={tiny_reward_models['clip']}",
             "--model.init_args.watch.every_n_steps=2",
             "--model.init_args.round=2",
         ]
