@@ -19,10 +19,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def _start_order(item: pytest.Item) -> tuple[bool, float]:
+    slow = item.get_closest_marker("slow")
+    return slow is None, -float(slow.kwargs.get("minutes", 0)) if slow is not None else 0.0
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow end-to-end tests run first, so that with several workers the longest ones do not start
-    last and leave the other workers idle at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow end-to-end tests run first, the longest (``@pytest.mark.slow(minutes=…)``) before the others, so
+    that with several workers no long test starts last and leaves the other workers idle at the end."""
+    items.sort(key=_start_order)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=5)
 def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {
