@@ -27,11 +27,11 @@ demo: $(DATA)/.complete
 
 # Every test, the slow end-to-end ones included (what CI runs), one worker per CPU core.
 test: $(STAMP)
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --dist worksteal
 
 # The quick loop while developing: skips tests marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -n auto -m "not slow"
+	$(PY) -m pytest -n auto --dist worksteal -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --no-cache .

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from processes import run_command
 
 from cli import main
 
@@ -44,10 +44,8 @@ def test_help_with_config(config, capsys, monkeypatch):
 
 def test_console_script_matches_cli_py():
     fsvideo = Path(sys.executable).with_name("fsvideo")
-    out_script = subprocess.run([str(fsvideo), "--help"], capture_output=True, text=True, check=True).stdout
-    out_module = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "--help"], capture_output=True, text=True, check=True
-    ).stdout
+    out_script = run_command([str(fsvideo), "--help"], timeout=120).stdout
+    out_module = run_command([sys.executable, str(REPO / "cli.py"), "--help"], timeout=120).stdout
     assert "fit" in out_script and out_script == out_module.replace("cli.py", "fsvideo")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import run_command
 
 from cli import main
 
@@ -37,9 +38,7 @@ CASES = [
 def fsvideo(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k != "FSVIDEO_DEBUG"}
     environment.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled", WANDB_SILENT="true", **env)
-    return subprocess.run(
-        [str(FSVIDEO), *argv], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300
-    )
+    return run_command([str(FSVIDEO), *argv], cwd=cwd, env=environment, timeout=300)
 
 
 @pytest.fixture(scope="module")

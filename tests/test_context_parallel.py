@@ -9,13 +9,13 @@ import copy
 import functools
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from processes import run_command
 from run_dirs import write_test_image, write_tiny_runs, write_two_stage_config
 from test_parallel import dit_inputs, output_and_grads, random_dit
 from torch.distributed.device_mesh import DeviceMesh
@@ -154,6 +154,7 @@ def test_generate_command_under_torchrun_writes_from_the_first_process(tmp_path)
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc-per-node=2",
         str(REPO / "cli.py"),
         "generate",
@@ -170,7 +171,7 @@ def test_generate_command_under_torchrun_writes_from_the_first_process(tmp_path)
         "--steps",
         "2",
     ]
-    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300)
+    done = run_command([*command, *args], env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (
         done.stdout.count("wrote ") == 1

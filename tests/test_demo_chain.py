@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import av
 import pytest
+from processes import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow(minutes=5)
+@pytest.mark.timeout(1800)
 def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {
@@ -33,13 +34,8 @@ def test_demo_runs_the_whole_recipe(sample_shards, tmp_path):
         "PY": sys.executable,
         "WANDB_MODE": "offline",
     }
-    done = subprocess.run(
-        ["bash", str(REPO / "demo.sh"), str(sample_shards.root)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
+    done = run_command(
+        ["bash", str(REPO / "demo.sh"), str(sample_shards.root)], cwd=tmp_path, env=env, timeout=1500
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FSAE held-out PSNR" in done.stdout and "DiT training loss" in done.stdout

@@ -6,11 +6,11 @@ rows."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,12 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def run_script(name: str, *args: str, launcher: tuple[str, ...] = ()) -> str:
     """``benchmarks/name *args`` in a fresh Python (``launcher``: the module arguments that start it, torchrun's)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, *launcher, str(REPO / "benchmarks" / name), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_command(
+        [sys.executable, *launcher, str(REPO / "benchmarks" / name), *args], env=env, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

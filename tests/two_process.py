@@ -4,15 +4,17 @@ runs with ModelParallelStrategy, and worker functions with a device mesh of thei
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from processes import run_command
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,14 +44,7 @@ def run_cli(args: list[str], cwd: Path) -> None:
     """``cli.py *args`` in a fresh process (one thread per process: two ranks share the CPU cores); the
     tests folder is importable, for callbacks such as ``ReseedAtTrainStart``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_command([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -62,7 +57,15 @@ def _join(rank: int, store: str, worker: Callable[[DeviceMesh], None]) -> None:
         dist.destroy_process_group()
 
 
-def spawn_two(worker: Callable[[DeviceMesh], None], tmp_path: Path) -> None:
+def spawn_two(worker: Callable[[DeviceMesh], None], tmp_path: Path, timeout: float = 600) -> None:
     """Run ``worker(mesh)`` in two processes joined by gloo (a 1-D CPU mesh over both); a failed assertion
-    in either is raised here with its traceback. ``worker`` must be a module-level function."""
-    mp.spawn(_join, args=(str(tmp_path / "gloo_store"), worker), nprocs=2)
+    in either is raised here with its traceback, and both are killed when they run past ``timeout`` seconds
+    (a rank waiting on a collective its peer never reaches would otherwise wait for gloo's 30 minutes).
+    ``worker`` must be a module-level function."""
+    processes = mp.start_processes(_join, args=(str(tmp_path / "gloo_store"), worker), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not processes.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() >= deadline:
+            for process in processes.processes:
+                process.kill()
+            pytest.fail(f"{worker} on two processes ran past {timeout:.0f} s")

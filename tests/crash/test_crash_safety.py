@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import run_command
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def fit(sample_shards, run_dir: Path, max_steps: int, *extra: str) -> subprocess
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{REPO}"}
-    return subprocess.run(command, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
+    return run_command(command, cwd=run_dir.parent, env=env, timeout=600)
 
 
 def last_step(run_dir: Path) -> int:
