@@ -28,7 +28,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from diffusers import UniPCMultistepScheduler
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, float, torch.Tensor], None]
@@ -159,7 +158,10 @@ def _sample_unipc(
     velocity_fn: VelocityFn, z: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None
 ) -> torch.Tensor:
     # diffusers' UniPC in flow mode is Wan's default solver (order 2, bh2, lower order at the end);
-    # we hand it our own shifted schedule, so flow_shift stays 1.
+    # we hand it our own shifted schedule, so flow_shift stays 1. Imported here: diffusers costs every
+    # `fsvideo` process about 2 s of start-up, and only UniPC sampling needs it.
+    from diffusers import UniPCMultistepScheduler
+
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0
     )

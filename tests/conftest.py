@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Lightning gives its logger a handler on the stderr of the moment it is first imported: imported here, before any
+# test captures stderr, so that a test calling `cli.main` in-process cannot bind it to its own, later closed, stream.
+import lightning.pytorch  # noqa: F401
 import pytest
 import torch
 

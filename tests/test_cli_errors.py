@@ -1,11 +1,12 @@
-"""Bad input through the real ``fsvideo`` console script: one line that names the problem, exit status 2."""
+"""Bad input ends in one line that names the problem and exit status 2: each case through ``cli.main`` as the
+console script calls it, and the real ``fsvideo`` console script once with and once without ``--debug``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -35,43 +36,53 @@ CASES = [
 ]
 
 
-def fsvideo(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def fsvideo(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k != "FSVIDEO_DEBUG"}
-    environment.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled", WANDB_SILENT="true", **env)
+    environment.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled", WANDB_SILENT="true")
     return run_command([str(FSVIDEO), *argv], cwd=cwd, env=environment, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, sample_shards) -> dict[str, subprocess.CompletedProcess[str]]:
-    """Every case of CASES run once, two at a time (each process spends seconds importing torch)."""
+def bad_inputs(tmp_path_factory) -> Path:
+    """A folder holding the bad files CASES name."""
     cwd = tmp_path_factory.mktemp("bad_inputs")
     torch.save({"state_dict": {"autoencoder.w": torch.zeros(1000)}}, cwd / "x.ckpt")
     (cwd / "x.ckpt").write_bytes((cwd / "x.ckpt").read_bytes()[:2000])  # a copy cut short
     (cwd / "garbage.tar").write_bytes(bytes(range(256)) * 20)
     (cwd / "bad.yaml").write_text("trainer:\n  max_steps: [1\n model: 3\n")
-    runs = [[sample_shards.val if arg == "SHARDS" else arg for arg in argv] for _, argv, _ in CASES]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda argv: fsvideo(argv, cwd), runs))
-    return {name: result for (name, _, _), result in zip(CASES, results)}
+    return cwd
+
+
+def assert_one_error_line(stderr: str, words: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("fsvideo: error: ")]
+    assert len(errors) == 1 and words in errors[0], stderr
+    assert "--debug" in stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"), [(argv, words) for _, argv, words in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_is_one_line_without_traceback(argv, words, bad_inputs, sample_shards, capsys, monkeypatch):
+    monkeypatch.delenv("FSVIDEO_DEBUG", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(bad_inputs)
+    # a command's logging.basicConfig would leave a handler on this test's stderr, closed after it
+    monkeypatch.setattr(logging.root, "handlers", [])
+    with pytest.raises(SystemExit) as exit_info:
+        main([sample_shards.val if arg == "SHARDS" else arg for arg in argv])
+    assert exit_info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, words)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "words"), [(name, words) for name, _, words in CASES])
-def test_bad_input_is_one_line_without_traceback(bad_inputs, name, words):
-    result = bad_inputs[name]
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    assert "Traceback" not in output, output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("fsvideo: error: ")]
-    assert len(errors) == 1 and words in errors[0], output
-    assert "--debug" in result.stderr
-
-
-@pytest.mark.slow
-def test_debug_flag_shows_the_traceback(tmp_path):
-    result = fsvideo(["data", "inspect", "--debug", "gone.tar"], tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" in result.stderr and "ValueError: 1 shard(s) could not be read" in result.stderr
+def test_console_script_exits_2_with_one_line_and_debug_shows_the_traceback(tmp_path):
+    plain = fsvideo(["data", "inspect", "gone.tar"], tmp_path)
+    assert plain.returncode == 2, plain.stdout + plain.stderr
+    assert_one_error_line(plain.stdout + plain.stderr, "1 shard(s) could not be read")
+    debug = fsvideo(["data", "inspect", "--debug", "gone.tar"], tmp_path)
+    assert debug.returncode != 0
+    assert "Traceback" in debug.stderr and "ValueError: 1 shard(s) could not be read" in debug.stderr
 
 
 def test_debug_environment_variable_raises_the_error_itself(tmp_path, monkeypatch):
