@@ -60,17 +60,13 @@ def dcp_state(folder: Path) -> dict[str, torch.Tensor]:
     return dict(DistributedCheckpointWeights(folder).items())
 
 
-@pytest.fixture(scope="module")
-def straight(tiny_latents, tmp_path_factory) -> Path:
-    """A 2-process run of 4 steps with a distributed checkpoint every 2."""
-    run_dir = tmp_path_factory.mktemp("dcp") / "straight"
-    fit(run_dir, tiny_latents.train.root, 4, 2)
-    return run_dir
-
-
-@pytest.mark.slow
-def test_distributed_checkpoint_resumes_exactly_and_exports(straight, tiny_latents, tmp_path):
+@pytest.mark.slow(minutes=1.5)
+def test_distributed_checkpoint_resumes_exactly_on_two_processes_on_one_and_exports(tiny_latents, tmp_path):
+    """One test for the three runs: both resumes start from the straight run, which a fixture would build again
+    on every xdist worker that ran one of them."""
     cache = tiny_latents.train.root
+    straight = tmp_path / "straight"  # 2 processes, 4 steps, a distributed checkpoint every 2
+    fit(straight, cache, 4, 2)
     checkpoints = straight / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-2.ckpt", "step-4.ckpt"]
     for name in ("last.ckpt", "step-2.ckpt"):
@@ -119,11 +115,7 @@ def test_distributed_checkpoint_resumes_exactly_and_exports(straight, tiny_laten
     network = load_network(checkpoints / "step-4.ckpt", expected=DiT)  # every reader takes the folder itself
     torch.testing.assert_close(network.state_dict()["head.proj.weight"], a["head.proj.weight"])
 
-
-@pytest.mark.slow
-def test_distributed_checkpoint_resumes_on_one_process(straight, tiny_latents, tmp_path):
-    """DCP reshards the two ranks' shards for one; the data position is re-split."""
-    cache, checkpoints = tiny_latents.train.root, straight / "checkpoints"
+    # DCP reshards the two ranks' shards for one process; the data position is re-split
     single = tmp_path / "single"
     shutil.copytree(checkpoints / "step-2.ckpt", single / "checkpoints" / "step-2.ckpt")
     fit(single, cache, 4, 1, f"--ckpt_path={single / 'checkpoints' / 'step-2.ckpt'}")
