@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from fsvideo.rewards import save_tiny_reward_models
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+# DataLoader workers that tests start in-process come from a fork server, not from a fork of this process: a test
+# process runs threads (xdist's channel to its controller, tqdm's monitor, wandb's), and a child forked while one of
+# them held a lock can wait on it for ever, holding the worker's channel open so that the whole run stops.
+multiprocessing.set_start_method("forkserver", force=True)
+# Nothing is downloaded: a model path that does not resolve locally fails at once instead of asking the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+multiprocessing.set_forkserver_preload(["torch", "datamodules.pipeline", "datamodules.latents"])
 
 
 def _start_order(item: pytest.Item) -> tuple[bool, float]:
