@@ -3,6 +3,7 @@ runs with ModelParallelStrategy, and worker functions with a device mesh of thei
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -16,6 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from processes import run_command
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from lightning_modules.cli import FSVideoCLI
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -40,9 +43,14 @@ class ReseedAtTrainStart(L.Callback):
         L.seed_everything(int(os.environ["PL_GLOBAL_SEED"]), verbose=False)
 
 
-def run_cli(args: list[str], cwd: Path) -> None:
+def run_cli(args: list[str], cwd: Path, in_process: bool = False) -> None:
     """``cli.py *args`` in a fresh process (one thread per process: two ranks share the CPU cores); the
-    tests folder is importable, for callbacks such as ``ReseedAtTrainStart``."""
+    tests folder is importable, for callbacks such as ``ReseedAtTrainStart``. ``in_process``: in this test's own
+    process instead, for the one-process reference runs, which would otherwise spend seconds starting up."""
+    if in_process:
+        with contextlib.chdir(cwd):
+            FSVideoCLI(args=args)
+        return
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     done = run_command([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

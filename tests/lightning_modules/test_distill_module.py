@@ -212,7 +212,9 @@ def test_tiny_distillation_fits_chain_and_keep_teachers_out_of_checkpoints(
     assert distill.refine_settings(records, None, str(teacher)) == SamplingSettings(8, 1.0, 3.0, "euler")
 
 
-def sida_fit(parts, tiny_latents, sample_shards, run_dir: Path, *args: str) -> np.ndarray:
+def sida_fit(
+    parts, tiny_latents, sample_shards, run_dir: Path, *args: str, in_process: bool = False
+) -> np.ndarray:
     """The per-step generator losses of a 2-step tiny SiDA ``fsvideo fit`` (noise and σ from the same seed
     whatever the number of processes: ``ReseedAtTrainStart``)."""
     encoders = {
@@ -251,6 +253,7 @@ def sida_fit(parts, tiny_latents, sample_shards, run_dir: Path, *args: str) -> n
             *args,
         ],
         cwd=run_dir.parent,
+        in_process=in_process,
     )
     steps, losses = read_loss_history(run_dir)
     assert steps.tolist() == [1, 2] and np.isfinite(losses).all()
@@ -265,7 +268,7 @@ def test_sida_fit_sharded_and_context_parallel_matches_one_process(
     head over both ranks, which read the same sample and split its tokens: the per-step losses are those of one
     process — the second step's through the first step's updates of all three networks (the head's and the fake
     score's gradients averaged over the ranks by FSDP)."""
-    one = sida_fit(parts, tiny_latents, sample_shards, tmp_path / "one")
+    one = sida_fit(parts, tiny_latents, sample_shards, tmp_path / "one", in_process=True)
     two = sida_fit(
         parts,
         tiny_latents,

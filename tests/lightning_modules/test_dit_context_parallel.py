@@ -22,7 +22,7 @@ LOSS_TOLERANCE = 1e-5
 CONTEXT_PARALLEL_ARGS = (*SHARDED_FIT_ARGS, "--model.init_args.parallel.context_parallel=2")
 
 
-def fit(run_dir: Path, config: str, steps: int, *args: str) -> np.ndarray:
+def fit(run_dir: Path, config: str, steps: int, *args: str, in_process: bool = False) -> np.ndarray:
     """The per-step losses of ``fsvideo fit --config configs/tiny/<config> *args`` (noise and σ drawn from the
     same seed whatever the number of processes: ``ReseedAtTrainStart``)."""
     run_cli(
@@ -35,6 +35,7 @@ def fit(run_dir: Path, config: str, steps: int, *args: str) -> np.ndarray:
             *args,
         ],
         cwd=run_dir.parent,
+        in_process=in_process,
     )
     logged_steps, losses = read_loss_history(run_dir)
     assert list(logged_steps) == list(range(1, steps + 1))
@@ -45,6 +46,6 @@ def test_context_parallel_fit_matches_one_process(tiny_latents, tmp_path):
     init_from = tmp_path / "init.ckpt"
     write_dit_stage_checkpoint(init_from)
     data = [*latent_cache_args(tiny_latents.train.root), f"--model.init_args.init_from={init_from}"]
-    one = fit(tmp_path / "one", "dit-pretrain-video.yaml", 4, *data)
+    one = fit(tmp_path / "one", "dit-pretrain-video.yaml", 4, *data, in_process=True)
     two = fit(tmp_path / "cp2", "dit-pretrain-video.yaml", 4, *data, *CONTEXT_PARALLEL_ARGS)
     np.testing.assert_allclose(two, one, rtol=0, atol=LOSS_TOLERANCE)
