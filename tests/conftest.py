@@ -26,9 +26,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # process runs threads (xdist's channel to its controller, tqdm's monitor, wandb's), and a child forked while one of
 # them held a lock can wait on it for ever, holding the worker's channel open so that the whole run stops.
 multiprocessing.set_start_method("forkserver", force=True)
+multiprocessing.set_forkserver_preload(["torch", "datamodules.pipeline", "datamodules.latents"])
+
 # Nothing is downloaded: a model path that does not resolve locally fails at once instead of asking the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
-multiprocessing.set_forkserver_preload(["torch", "datamodules.pipeline", "datamodules.latents"])
 
 
 def _start_order(item: pytest.Item) -> tuple[bool, float]:
