@@ -22,7 +22,8 @@ def run_command(
     env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``command`` with its stdout and stderr captured as text; the test fails, with the last output, when it
-    runs past ``timeout`` seconds. Whatever the command left running in its group is killed when it returns."""
+    runs past ``timeout`` seconds. Whatever the command left running in its group is killed when it returns or the
+    test is stopped."""
     with subprocess.Popen(
         list(command),
         cwd=cwd,
@@ -38,7 +39,8 @@ def run_command(
             _kill_group(process.pid)
             stdout, stderr = process.communicate()
             pytest.fail(f"{' '.join(command)} ran past {timeout:.0f} s\n{stdout[-2000:]}\n{stderr[-3000:]}")
-        _kill_group(process.pid)
+        finally:  # also when the test itself is stopped (pytest-timeout, Ctrl-C): leave nothing running
+            _kill_group(process.pid)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
