@@ -72,8 +72,11 @@ def spawn_two(worker: Callable[[DeviceMesh], None], tmp_path: Path, timeout: flo
     ``worker`` must be a module-level function."""
     processes = mp.start_processes(_join, args=(str(tmp_path / "gloo_store"), worker), nprocs=2, join=False)
     deadline = time.monotonic() + timeout
-    while not processes.join(timeout=max(deadline - time.monotonic(), 0)):
-        if time.monotonic() >= deadline:
-            for process in processes.processes:
+    try:
+        while not processes.join(timeout=max(deadline - time.monotonic(), 0)):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{worker} on two processes ran past {timeout:.0f} s")
+    finally:
+        for process in processes.processes:
+            if process.is_alive():
                 process.kill()
-            pytest.fail(f"{worker} on two processes ran past {timeout:.0f} s")
